@@ -1,0 +1,1 @@
+"""Koinonia: church texting service backend."""

@@ -1,0 +1,156 @@
+"""The ASGI application factory."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from asgi_correlation_id import CorrelationIdMiddleware
+from fastapi import APIRouter, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
+
+from koinonia import __doc__ as package_doc
+from koinonia.db import Database
+from koinonia.errors import install_error_handlers
+from koinonia.health import routes as health_routes
+from koinonia.health.checks import database_check, redis_check
+from koinonia.http.middleware import (
+    ObservabilityMiddleware,
+    RequestLimitsMiddleware,
+    SecurityHeadersMiddleware,
+)
+from koinonia.http.schemas import Problem
+from koinonia.logging import configure_logging
+from koinonia.observability import metrics_endpoint
+from koinonia.redis import create_redis
+from koinonia.settings import Settings, get_settings
+
+API_PREFIX = "/api/v1"
+UPLOAD_PATHS = (f"{API_PREFIX}/members/import",)
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+
+
+def _request_id_is_sane(value: str) -> bool:
+    return bool(_SANE_REQUEST_ID.match(value))
+
+
+def feature_routers() -> list[APIRouter]:
+    """Every feature router; each declares its full prefix (`/api/v1/...`)."""
+    return [health_routes.router]
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    database = Database(settings)
+    redis = create_redis(settings)
+    app.state.database = database
+    app.state.redis = redis
+    app.state.health_checks = [database_check(database), redis_check(redis)]
+    try:
+        yield
+    finally:
+        await redis.aclose()
+        await database.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, settings.log_file, settings.log_file_backup_count)
+    static_paths: set[str] = set()
+    middleware = [
+        Middleware(
+            CorrelationIdMiddleware,
+            header_name="X-Request-ID",
+            generator=lambda: uuid.uuid4().hex,
+            validator=_request_id_is_sane,
+        ),
+        Middleware(ObservabilityMiddleware, static_paths=static_paths),
+        Middleware(SecurityHeadersMiddleware),
+        Middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_credentials=settings.cors_allow_credentials,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
+            expose_headers=[
+                "X-Request-ID",
+                "Retry-After",
+                "RateLimit-Limit",
+                "RateLimit-Remaining",
+                "RateLimit-Reset",
+            ],
+            max_age=settings.cors_max_age,
+        ),
+        Middleware(
+            GZipMiddleware,
+            minimum_size=settings.gzip_minimum_size,
+            compresslevel=settings.gzip_level,
+        ),
+        Middleware(
+            RequestLimitsMiddleware,
+            max_body=settings.max_json_body_bytes,
+            max_upload=settings.max_import_bytes,
+            max_url=settings.max_url_length,
+            upload_paths=UPLOAD_PATHS,
+        ),
+    ]
+    app = FastAPI(
+        title="Koinonia API",
+        version="1.0.0",
+        summary=package_doc,
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+        middleware=middleware,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    for router in feature_routers():
+        app.include_router(router)
+    app.include_router(health_routes.probes)
+    app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
+    static_paths.update(
+        path for r in app.routes if isinstance(path := getattr(r, "path", None), str)
+    )
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        summary=app.summary,
+        routes=app.routes,
+        description=_API_DESCRIPTION,
+    )
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(schemas["Problem"].pop("$defs", {}))
+    app.openapi_schema = schema
+    return schema
+
+
+_API_DESCRIPTION = """
+Koinonia's public HTTP API. JSON in and out, `snake_case`, RFC 3339 UTC timestamps.
+
+* **Auth**: `Authorization: Bearer <access token or API key>`.
+* **Errors**: RFC 9457 problem details (`application/problem+json`) with a stable `code`
+  and the `request_id` of the call.
+* **Lists**: cursor-paginated with `limit` (≤ 200) and `cursor`.
+"""
+
+
+def app_factory() -> FastAPI:
+    """Entry point for `uvicorn --factory koinonia.app:app_factory`."""
+    return create_app()

@@ -1,0 +1,159 @@
+"""Database engines, the unit of work, isolation levels and slow-statement detection.
+
+Driver: psycopg 3 (async). It is what procrastinate's in-transaction enqueue works with,
+and with `prepare_threshold=None` it runs through PgBouncer 1.18 in transaction mode.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import structlog
+from sqlalchemy import MetaData, event
+from sqlalchemy.engine import Connection, ExecutionContext
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.pool import NullPool
+
+from koinonia.observability import DB_POOL_IN_USE, DB_QUERY_LATENCY, DB_SLOW_QUERIES
+from koinonia.settings import Settings
+
+IsolationLevel = Literal["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"]
+
+log = structlog.get_logger("koinonia.db")
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def create_engine(url: str, settings: Settings, *, name: str) -> AsyncEngine:
+    connect_args: dict[str, Any] = {
+        # No server-side prepared statements: PgBouncer 1.18 in transaction mode cannot
+        # keep them (shared/reference/python-stack.md).
+        "prepare_threshold": None,
+        "connect_timeout": max(1, int(settings.database_connect_timeout)),
+        "application_name": f"koinonia-{name}",
+    }
+    pool_args: dict[str, Any]
+    if settings.database_use_null_pool:
+        pool_args = {"poolclass": NullPool}
+    else:
+        pool_args = {
+            "pool_size": settings.database_pool_size,
+            "max_overflow": settings.database_max_overflow,
+            "pool_timeout": settings.database_pool_timeout,
+            "pool_pre_ping": True,
+            "pool_recycle": 1800,
+        }
+    engine = create_async_engine(url, connect_args=connect_args, **pool_args)
+    _instrument(engine, settings.slow_query_ms, name)
+    return engine
+
+
+def _instrument(engine: AsyncEngine, slow_ms: int, name: str) -> None:
+    sync_engine = engine.sync_engine
+    pool_gauge = DB_POOL_IN_USE.labels(pool=name)
+
+    @event.listens_for(sync_engine, "before_cursor_execute")
+    def _start(
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        params: Any,
+        context: ExecutionContext | None,
+        executemany: bool,
+    ) -> None:
+        conn.info.setdefault("query_start", []).append(time.perf_counter())
+
+    @event.listens_for(sync_engine, "after_cursor_execute")
+    def _end(
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        params: Any,
+        context: ExecutionContext | None,
+        executemany: bool,
+    ) -> None:
+        started = conn.info["query_start"].pop()
+        elapsed = time.perf_counter() - started
+        DB_QUERY_LATENCY.observe(elapsed)
+        if elapsed * 1000 >= slow_ms:
+            DB_SLOW_QUERIES.inc()
+            # The statement text carries placeholders only; parameters are never logged.
+            log.warning(
+                "slow_query",
+                duration_ms=round(elapsed * 1000, 1),
+                statement=" ".join(statement.split())[:500],
+                pool=name,
+            )
+
+    @event.listens_for(sync_engine.pool, "checkout")
+    def _checkout(*_: Any) -> None:
+        pool_gauge.inc()
+
+    @event.listens_for(sync_engine.pool, "checkin")
+    def _checkin(*_: Any) -> None:
+        pool_gauge.dec()
+
+
+class Database:
+    """The primary engine and its session factory (replicas join in `replicas`)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = create_engine(settings.database_url, settings, name="primary")
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
+        self.replica_engines = [
+            create_engine(url, settings, name=f"replica{i}")
+            for i, url in enumerate(settings.database_replica_urls)
+        ]
+        self.replica_sessions = [
+            async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+            for engine in self.replica_engines
+        ]
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+        for engine in self.replica_engines:
+            await engine.dispose()
+
+    @asynccontextmanager
+    async def unit_of_work(
+        self, isolation_level: IsolationLevel | None = None
+    ) -> AsyncIterator[AsyncSession]:
+        """One transaction: commits when the block ends, rolls back when it raises."""
+        async with self.sessions() as session:
+            if isolation_level is not None:
+                await set_isolation(session, isolation_level)
+            try:
+                yield session
+                await session.commit()
+            except BaseException:
+                await session.rollback()
+                raise
+
+
+async def set_isolation(session: AsyncSession, level: IsolationLevel) -> None:
+    """Set the isolation level of the session's current transaction.
+
+    Must be the first thing the transaction does; `SET TRANSACTION` is transaction-scoped,
+    so it is safe behind PgBouncer in transaction mode.
+    """
+    await session.connection(execution_options={"isolation_level": level})

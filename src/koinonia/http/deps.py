@@ -1,0 +1,49 @@
+"""Request-scoped dependencies: the unit of work, Redis and settings."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from koinonia.db import Database
+from koinonia.settings import Settings
+
+
+def get_database(request: Request) -> Database:
+    database: Database = request.app.state.database
+    return database
+
+
+def get_redis(request: Request) -> Redis:
+    redis: Redis = request.app.state.redis
+    return redis
+
+
+def get_app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+async def unit_of_work(request: Request) -> AsyncIterator[AsyncSession]:
+    """One transaction per request: committed before the answer is sent, or rolled back.
+
+    Used with `scope="function"` so the commit happens before the response goes out: a
+    client never sees a success whose commit then failed.
+    """
+    database = get_database(request)
+    async with database.sessions() as session:
+        try:
+            yield session
+            await session.commit()
+        except BaseException:
+            await session.rollback()
+            raise
+
+
+DbSession = Annotated[AsyncSession, Depends(unit_of_work, scope="function")]
+RedisClient = Annotated[Redis, Depends(get_redis)]
+AppSettings = Annotated[Settings, Depends(get_app_settings)]

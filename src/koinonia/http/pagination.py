@@ -1,0 +1,65 @@
+"""Cursor pagination: `?limit=&cursor=` in, `{"data": [...], "next_cursor": ...}` out.
+
+A cursor is the opaque, URL-safe encoding of the last row's sort key, so pages stay
+stable while rows are inserted and no `OFFSET` scan is ever needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Annotated, Any, Generic, TypeVar
+
+from fastapi import Query
+from pydantic import BaseModel
+
+from koinonia.errors import FieldError, ValidationError
+
+T = TypeVar("T")
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 200
+
+
+class Page(BaseModel, Generic[T]):
+    data: list[T]
+    next_cursor: str | None
+
+
+class PageParams(BaseModel):
+    limit: int
+    cursor: list[Any] | None
+
+
+def encode_cursor(key: list[Any]) -> str:
+    raw = json.dumps(key, separators=(",", ":"), default=str).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> list[Any]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        value = json.loads(base64.urlsafe_b64decode(padded.encode()))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        value = None
+    if not isinstance(value, list):
+        raise ValidationError(
+            "The cursor is not valid", errors=[FieldError("cursor", "not a cursor from this API")]
+        )
+    return value
+
+
+def page_params(
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size")] = DEFAULT_LIMIT,
+    cursor: Annotated[str | None, Query(max_length=512, description="Opaque cursor")] = None,
+) -> PageParams:
+    return PageParams(limit=limit, cursor=decode_cursor(cursor) if cursor else None)
+
+
+def make_page(rows: list[T], limit: int, key_of: Any) -> Page[T]:
+    """`rows` were fetched with `limit + 1`: the extra row only says there is a next page."""
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = encode_cursor(key_of(rows[-1])) if has_more and rows else None
+    return Page[T](data=rows, next_cursor=next_cursor)

@@ -1,0 +1,69 @@
+"""Durable jobs on procrastinate (PostgreSQL-backed).
+
+Each feature declares its tasks on a procrastinate `Blueprint` in its own `jobs.py`;
+`build_job_app` gathers them into one `App` at start-up (so importing a feature never
+needs settings). A job deferred during a request goes into the request's own transaction
+(`defer_in_transaction`), so it is published only if the request commits.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from procrastinate import App, Blueprint, PsycopgConnector
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from koinonia.settings import Settings
+
+# Modules that expose `blueprint: procrastinate.Blueprint`; features append themselves here.
+BLUEPRINT_MODULES: list[str] = []
+
+
+def psycopg_conninfo(sqlalchemy_url: str) -> str:
+    return sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def build_job_app(settings: Settings, *, pool_max: int = 4) -> App:
+    connector = PsycopgConnector(
+        conninfo=psycopg_conninfo(settings.database_url),
+        min_size=1,
+        max_size=pool_max,
+        # Same reason as the SQLAlchemy engines: PgBouncer in transaction mode.
+        kwargs={"prepare_threshold": None},
+    )
+    app = App(connector=connector)
+    for module_name in BLUEPRINT_MODULES:
+        blueprint: Blueprint = importlib.import_module(module_name).blueprint
+        app.add_tasks_from(blueprint, namespace=module_name.split(".")[1])
+    return app
+
+
+async def raw_connection(session: AsyncSession) -> Any:
+    """The psycopg connection under the session's current transaction."""
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    return raw.driver_connection
+
+
+async def defer_in_transaction(
+    app: App,
+    session: AsyncSession,
+    task_name: str,
+    *,
+    queue: str | None = None,
+    priority: int = 0,
+    lock: str | None = None,
+    queueing_lock: str | None = None,
+    **task_kwargs: Any,
+) -> int:
+    """Defer a job inside the session's transaction; it exists only if that commits."""
+    options: dict[str, Any] = {"connection": await raw_connection(session), "priority": priority}
+    if queue is not None:
+        options["queue"] = queue
+    if lock is not None:
+        options["lock"] = lock
+    if queueing_lock is not None:
+        options["queueing_lock"] = queueing_lock
+    job_id: int = await app.configure_task(task_name, **options).defer_async(**task_kwargs)
+    return job_id

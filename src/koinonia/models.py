@@ -1,0 +1,15 @@
+"""Imports every feature's tables so `Base.metadata` is complete (Alembic, tests)."""
+
+from __future__ import annotations
+
+import importlib
+
+# Each feature that owns tables lists its `tables` module here.
+TABLE_MODULES: list[str] = [
+    "koinonia.audit.tables",
+]
+
+
+def import_all_tables() -> None:
+    for module in TABLE_MODULES:
+        importlib.import_module(module)

@@ -1,0 +1,277 @@
+"""One typed settings object, read from the environment and `.env`.
+
+Every variable is documented in `.env.example`. A missing or malformed value stops the
+process with one message listing every problem (`SettingsError`), and secrets are never
+part of that message.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from functools import lru_cache
+from typing import Annotated, Literal
+
+from pydantic import (
+    AnyHttpUrl,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Environment = Literal["development", "test", "production"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+_DB_SCHEMES = ("postgresql", "postgresql+psycopg", "postgres")
+# Development-only defaults: refused when KOINONIA_ENV=production.
+_DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-0123456789"  # noqa: S105
+_DEV_MEMBER_KEYS = "k1:ZGV2LW9ubHktbWVtYmVyLWtleS0zMi1ieXRlcy0hISE="
+_DEV_HMAC_KEY = "dev-only-member-hmac-key-change-me-0123"
+_DEV_SECRETS = {_DEV_JWT_SECRET, _DEV_MEMBER_KEYS, _DEV_HMAC_KEY}
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def _normalise_database_url(value: str, name: str) -> str:
+    """Accept plain `postgresql://` URLs and pin the psycopg 3 async driver."""
+    match = re.match(r"^(?P<scheme>[a-z0-9+]+)://(?P<rest>.+)$", value.strip())
+    if match is None or match["scheme"] not in _DB_SCHEMES:
+        raise ValueError(f"{name} must be a postgresql:// URL (got scheme other than postgresql)")
+    rest = match["rest"]
+    host_part = rest.split("@", 1)[-1]
+    if not host_part or host_part.startswith("/") or "/" not in host_part:
+        raise ValueError(f"{name} must name a host and a database: postgresql://user@host:port/db")
+    host_port = host_part.split("/", 1)[0]
+    if ":" in host_port:
+        port = host_port.rsplit(":", 1)[1]
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{name} has an invalid port")
+    return f"postgresql+psycopg://{rest}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        validate_default=True,
+    )
+
+    env: Environment = Field("development", alias="KOINONIA_ENV")
+
+    # --- HTTP -----------------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    public_base_url: AnyHttpUrl = AnyHttpUrl("http://127.0.0.1:8000")
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["http://localhost:3000"]
+    )
+    cors_allow_credentials: bool = True
+    cors_max_age: int = Field(600, ge=0, le=86400)
+    max_json_body_bytes: int = Field(100_000, gt=0)
+    max_import_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_url_length: int = Field(8192, ge=256)
+    gzip_minimum_size: int = Field(1024, ge=0)
+    gzip_level: int = Field(6, ge=1, le=9)
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # --- Database -------------------------------------------------------------------
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/koinonia"
+    database_replica_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    database_pool_size: int = Field(10, ge=1, le=200)
+    database_max_overflow: int = Field(10, ge=0, le=200)
+    database_pool_timeout: float = Field(5.0, gt=0)
+    database_connect_timeout: float = Field(5.0, gt=0)
+    database_use_null_pool: bool = False
+    slow_query_ms: int = Field(100, ge=1)
+    replica_max_lag_seconds: float = Field(5.0, gt=0)
+    read_your_writes_seconds: float = Field(5.0, ge=0)
+
+    # --- Redis ----------------------------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout: float = Field(0.5, gt=0)
+
+    # --- Logging and telemetry ------------------------------------------------------
+    log_level: LogLevel = "INFO"
+    log_file: str | None = None
+    log_file_backup_count: int = Field(30, ge=1)
+    otel_exporter_otlp_endpoint: AnyHttpUrl | None = None
+    otel_service_name: str = "koinonia"
+    health_check_timeout: float = Field(1.0, gt=0)
+
+    # --- Auth -----------------------------------------------------------------------
+    jwt_secret: SecretStr = SecretStr(_DEV_JWT_SECRET)
+    access_token_ttl_seconds: int = Field(900, ge=60, le=86400)
+    refresh_token_ttl_seconds: int = Field(30 * 86400, ge=3600)
+    rate_limit_per_minute: int = Field(100, ge=1)
+    rate_limit_burst: int = Field(200, ge=1)
+    rate_limit_login_per_minute: int = Field(10, ge=1)
+    rate_limit_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    login_lockout_failures: int = Field(5, ge=1)
+    login_lockout_seconds: int = Field(900, ge=1)
+
+    # --- Member data encryption -----------------------------------------------------
+    # "k1:<base64 32 bytes>,k2:<base64 32 bytes>"; the active id names the key new writes use.
+    member_encryption_keys: SecretStr = SecretStr(_DEV_MEMBER_KEYS)
+    member_encryption_active_key: str = "k1"
+    member_hmac_key: SecretStr = SecretStr(_DEV_HMAC_KEY)
+
+    # --- Telnyx ---------------------------------------------------------------------
+    telnyx_base_url: AnyHttpUrl = AnyHttpUrl("http://127.0.0.1:8010")
+    telnyx_api_key: SecretStr = SecretStr("KEY_sandbox")
+    telnyx_public_key: str = ""
+    telnyx_timeout: float = Field(10.0, gt=0)
+    telnyx_messaging_profile_id: str | None = None
+    sends_per_second_per_number: float = Field(50.0, gt=0)
+    send_concurrency: int = Field(64, ge=1, le=1024)
+
+    # --- Stripe ---------------------------------------------------------------------
+    stripe_base_url: AnyHttpUrl = AnyHttpUrl("http://127.0.0.1:8010")
+    stripe_api_key: SecretStr = SecretStr("sk_test_sandbox")
+    stripe_webhook_secrets: SecretStr = SecretStr("whsec_sandbox")
+    stripe_timeout: float = Field(10.0, gt=0)
+
+    # --- Operations -----------------------------------------------------------------
+    dlq_alert_threshold: int = Field(100, ge=1)
+    dlq_retention_days: int = Field(30, ge=1)
+    partition_months_ahead: int = Field(3, ge=3, le=24)
+
+    @field_validator(
+        "cors_allow_origins",
+        "database_replica_urls",
+        "rate_limit_allowlist",
+        "trusted_proxies",
+        mode="before",
+    )
+    @classmethod
+    def _csv_lists(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        return _normalise_database_url(value, "DATABASE_URL")
+
+    @field_validator("database_replica_urls")
+    @classmethod
+    def _replica_urls(cls, value: list[str]) -> list[str]:
+        return [_normalise_database_url(url, "DATABASE_REPLICA_URLS") for url in value]
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not re.match(r"^rediss?://[^/]+(/\d+)?$", value.strip()):
+            raise ValueError("REDIS_URL must look like redis://host:port/db")
+        return value.strip()
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
+                raise ValueError(f"CORS origin {origin!r} must be scheme://host[:port]")
+        return value
+
+    @field_validator("cors_allow_credentials")
+    @classmethod
+    def _no_wildcard_with_credentials(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and "*" in (info.data.get("cors_allow_origins") or []):
+            raise ValueError("CORS_ALLOW_ORIGINS may not contain '*' when credentials are allowed")
+        return value
+
+    @field_validator("jwt_secret", "member_hmac_key")
+    @classmethod
+    def _long_secret(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters")
+        return value
+
+    @field_validator("member_encryption_keys")
+    @classmethod
+    def _keyring(cls, value: SecretStr) -> SecretStr:
+        for entry in value.get_secret_value().split(","):
+            key_id, sep, encoded = entry.strip().partition(":")
+            try:
+                key = base64.b64decode(encoded, validate=True)
+            except ValueError:
+                key = b""
+            if not sep or not key_id or len(key) != 32:
+                raise ValueError("must be 'id:<base64 of 32 bytes>[,id:<base64>...]'")
+        return value
+
+    @field_validator("member_encryption_active_key")
+    @classmethod
+    def _active_key_known(cls, value: str, info: ValidationInfo) -> str:
+        keys = info.data.get("member_encryption_keys")
+        if keys is not None:
+            ids = {e.split(":", 1)[0].strip() for e in keys.get_secret_value().split(",")}
+            if value not in ids:
+                raise ValueError("must name one of the ids in MEMBER_ENCRYPTION_KEYS")
+        return value
+
+    @field_validator("rate_limit_burst")
+    @classmethod
+    def _burst_at_least_rate(cls, value: int, info: ValidationInfo) -> int:
+        rate = info.data.get("rate_limit_per_minute")
+        if rate is not None and value < rate:
+            raise ValueError("must be >= RATE_LIMIT_PER_MINUTE")
+        return value
+
+    @model_validator(mode="after")
+    def _production_rules(self) -> Settings:
+        if self.env != "production":
+            return self
+        problems = [
+            f"{name.upper()} must be set to a real secret in production"
+            for name in ("jwt_secret", "member_encryption_keys", "member_hmac_key")
+            if getattr(self, name).get_secret_value() in _DEV_SECRETS
+        ]
+        if not self.telnyx_public_key:
+            problems.append("TELNYX_PUBLIC_KEY must be set in production")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class SettingsError(Exception):
+    """Configuration is missing or malformed; the message lists every problem."""
+
+
+def _field_env_name(loc: tuple[int | str, ...]) -> str:
+    if not loc:
+        return "configuration"
+    name = str(loc[0])
+    field = Settings.model_fields.get(name)
+    if field is not None and field.alias:
+        return field.alias
+    return name.upper()
+
+
+def format_validation_error(error: ValidationError) -> str:
+    # include_input=False: a malformed secret must never be echoed back.
+    lines = []
+    for item in error.errors(include_input=False, include_url=False):
+        message = str(item["msg"]).removeprefix("Value error, ")
+        lines.append(f"  - {_field_env_name(tuple(item['loc']))}: {message}")
+    return "Invalid configuration ({} problem(s)):\n{}".format(len(lines), "\n".join(lines))
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise SettingsError(format_validation_error(error)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

@@ -1,0 +1,113 @@
+"""Shared fixtures: a fresh PostgreSQL database per run (built by the Alembic migrations),
+the real Redis, the app served in-process and over real loopback HTTP.
+
+Services are never faked: if PostgreSQL or Redis does not answer, the fixtures fail.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from fastapi import FastAPI
+from psycopg import sql
+from redis.asyncio import Redis
+
+from koinonia.app import create_app
+from koinonia.cli.database import alembic_config
+from koinonia.settings import Settings, load_settings
+from tests.support.servers import LiveServer
+
+ADMIN_URL = os.environ.get(
+    "TEST_DATABASE_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+# Where the application connects: PostgreSQL directly, or PgBouncer (CI runs both).
+APP_DB_HOSTPORT = os.environ.get("TEST_DATABASE_APP_HOSTPORT", "127.0.0.1:5432")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _admin() -> psycopg.Connection[Any]:
+    return psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
+
+
+def create_scratch_database(prefix: str = "koinonia_test") -> str:
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with _admin() as connection:
+        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return name
+
+
+def drop_database(name: str) -> None:
+    with _admin() as connection:
+        connection.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+def app_database_url(name: str, hostport: str = APP_DB_HOSTPORT) -> str:
+    return f"postgresql+psycopg://postgres@{hostport}/{name}"
+
+
+def direct_database_url(name: str) -> str:
+    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+
+def make_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "KOINONIA_ENV": "test",
+        "redis_url": REDIS_URL,
+        "log_level": "INFO",
+        "database_pool_size": 5,
+        "database_max_overflow": 5,
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+@pytest.fixture(scope="session")
+def database_name() -> Iterator[str]:
+    from alembic import command
+
+    name = create_scratch_database()
+    command.upgrade(alembic_config(direct_database_url(name)), "heads")
+    yield name
+    drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def settings(database_name: str) -> Settings:
+    return make_settings(database_url=app_database_url(database_name))
+
+
+@pytest.fixture(scope="session")
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    client = Redis.from_url(settings.redis_url)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+async def app(settings: Settings, redis: Redis) -> AsyncIterator[FastAPI]:
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture(scope="session")
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def live_server(settings: Settings) -> Iterator[LiveServer]:
+    """The API over real HTTP on a loopback port (its own app instance and lifespan)."""
+    with LiveServer(lambda: create_app(settings)) as server:
+        yield server
