@@ -111,3 +111,15 @@ def live_server(settings: Settings) -> Iterator[LiveServer]:
     """The API over real HTTP on a loopback port (its own app instance and lifespan)."""
     with LiveServer(lambda: create_app(settings)) as server:
         yield server
+
+
+@pytest.fixture
+async def tenant_factory(app: FastAPI, settings: Settings) -> Any:
+    """`await tenant_factory(role="owner")` → a committed church + user + access token."""
+    from tests.support.factories import Tenant, create_tenant
+
+    async def make(**kwargs: Any) -> Tenant:
+        async with app.state.database.unit_of_work() as session:
+            return await create_tenant(session, settings, **kwargs)
+
+    return make

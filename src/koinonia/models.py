@@ -7,6 +7,7 @@ import importlib
 # Each feature that owns tables lists its `tables` module here.
 TABLE_MODULES: list[str] = [
     "koinonia.audit.tables",
+    "koinonia.accounts.tables",
 ]
 
 

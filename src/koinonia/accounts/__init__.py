@@ -1,0 +1,1 @@
+"""Churches, staff users, API keys, refresh tokens and authentication."""
