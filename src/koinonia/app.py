@@ -12,6 +12,7 @@ from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from opentelemetry.sdk.trace.export import SpanExporter
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
 
@@ -30,6 +31,7 @@ from koinonia.logging import configure_logging
 from koinonia.observability import metrics_endpoint
 from koinonia.redis import create_redis
 from koinonia.settings import Settings, get_settings
+from koinonia.tracing import build_tracer_provider, fastapi_telemetry, instrument_clients
 
 API_PREFIX = "/api/v1"
 UPLOAD_PATHS = (f"{API_PREFIX}/members/import",)
@@ -53,6 +55,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.database = database
     app.state.redis = redis
     app.state.health_checks = [database_check(database), redis_check(redis)]
+    provider = app.state.tracer_provider
+    if provider is not None:
+        instrument_clients(provider, [database.engine, *database.replica_engines])
     try:
         yield
     finally:
@@ -60,8 +65,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await database.dispose()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, span_exporter: SpanExporter | None = None
+) -> FastAPI:
     settings = settings or get_settings()
+    tracer_provider = build_tracer_provider(settings, span_exporter)
     configure_logging(settings.log_level, settings.log_file, settings.log_file_backup_count)
     static_paths: set[str] = set()
     middleware = [
@@ -110,8 +118,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         lifespan=lifespan,
         middleware=middleware,
+        telemetry=fastapi_telemetry(tracer_provider),  # type: ignore[arg-type]
     )
     app.state.settings = settings
+    app.state.tracer_provider = tracer_provider
     install_error_handlers(app)
     for router in feature_routers():
         app.include_router(router)

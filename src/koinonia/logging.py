@@ -19,6 +19,8 @@ import structlog
 from asgi_correlation_id import correlation_id
 from structlog.types import EventDict, Processor, WrappedLogger
 
+from koinonia.tracing import add_trace_ids
+
 REDACTED = "[REDACTED]"
 
 _SENSITIVE_KEY = re.compile(
@@ -104,6 +106,7 @@ def _shared_processors() -> list[Processor]:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _add_request_id,
+        add_trace_ids,
         _drop_color_message,
     ]
 

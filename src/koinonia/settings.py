@@ -64,6 +64,7 @@ class Settings(BaseSettings):
         extra="ignore",
         case_sensitive=False,
         validate_default=True,
+        env_ignore_empty=True,
     )
 
     env: Environment = Field("development", alias="KOINONIA_ENV")
