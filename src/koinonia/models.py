@@ -8,6 +8,8 @@ import importlib
 TABLE_MODULES: list[str] = [
     "koinonia.audit.tables",
     "koinonia.accounts.tables",
+    "koinonia.inbox.tables",
+    "koinonia.deadletters.tables",
 ]
 
 

@@ -1,0 +1,1 @@
+"""The dead-letter queue: jobs and events that exhausted their retries."""

@@ -1,0 +1,1 @@
+"""The provider-event inbox: every verified Telnyx and Stripe event, stored once."""
