@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from asgi_correlation_id import CorrelationIdMiddleware
@@ -47,6 +48,12 @@ def feature_routers() -> list[APIRouter]:
     return [health_routes.router]
 
 
+# Features that own process-wide resources (HTTP clients, health checks) list a module
+# exposing `lifespan(app) -> AsyncContextManager[None]` here; each runs after the core
+# resources exist (app.state.database, .redis, .health_checks) and may append to them.
+FEATURE_LIFESPANS: list[str] = []
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -59,7 +66,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if provider is not None:
         instrument_clients(provider, [database.engine, *database.replica_engines])
     try:
-        yield
+        async with AsyncExitStack() as features:
+            for module_name in FEATURE_LIFESPANS:
+                module = importlib.import_module(module_name)
+                await features.enter_async_context(module.lifespan(app))
+            yield
     finally:
         await redis.aclose()
         await database.dispose()
