@@ -17,6 +17,14 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432; then
 fi
 pg_isready -h 127.0.0.1 -p 5432
 
+# pg_stat_statements feeds the slow-query report; it must be preloaded (one restart).
+if ! psql -h 127.0.0.1 -U postgres -tAc "SHOW shared_preload_libraries" | grep -q pg_stat_statements; then
+  echo "enabling pg_stat_statements (restarting PostgreSQL)"
+  psql -h 127.0.0.1 -U postgres -qc "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main restart
+  for _ in $(seq 60); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.5; done
+fi
+
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   echo "starting Redis"
   mkdir -p /var/lib/redis /var/log/redis

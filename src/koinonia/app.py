@@ -18,6 +18,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
 
 from koinonia import __doc__ as package_doc
+from koinonia.cache import Cache
 from koinonia.db import Database
 from koinonia.errors import install_error_handlers
 from koinonia.health import routes as health_routes
@@ -30,6 +31,7 @@ from koinonia.http.middleware import (
 from koinonia.http.schemas import Problem
 from koinonia.logging import configure_logging
 from koinonia.observability import metrics_endpoint
+from koinonia.operations import routes as operations_routes
 from koinonia.redis import create_redis
 from koinonia.settings import Settings, get_settings
 from koinonia.tracing import build_tracer_provider, fastapi_telemetry, instrument_clients
@@ -45,7 +47,10 @@ def _request_id_is_sane(value: str) -> bool:
 
 def feature_routers() -> list[APIRouter]:
     """Every feature router; each declares its full prefix (`/api/v1/...`)."""
-    return [health_routes.router]
+    return [
+        health_routes.router,
+        operations_routes.router,
+    ]
 
 
 # Features that own process-wide resources (HTTP clients, health checks) list a module
@@ -61,6 +66,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     redis = create_redis(settings)
     app.state.database = database
     app.state.redis = redis
+    app.state.cache = Cache(redis)
     app.state.health_checks = [database_check(database), redis_check(redis)]
     provider = app.state.tracer_provider
     if provider is not None:

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from koinonia.cache import Cache
 from koinonia.db import Database
 from koinonia.settings import Settings
 
@@ -42,8 +43,30 @@ async def unit_of_work(request: Request) -> AsyncIterator[AsyncSession]:
         except BaseException:
             await session.rollback()
             raise
+        tags = session.info.pop(CACHE_TAGS_KEY, None)
+        if tags:
+            cache: Cache = request.app.state.cache
+            await cache.invalidate(*tags)
+
+
+CACHE_TAGS_KEY = "koinonia.cache_tags"
+
+
+def invalidate_on_commit(session: AsyncSession, *tags: str) -> None:
+    """Invalidate these cache tags once the request's transaction has committed.
+
+    After, not before: a read between an early invalidation and the commit would cache
+    the old data again.
+    """
+    session.info.setdefault(CACHE_TAGS_KEY, set()).update(tags)
+
+
+def get_cache(request: Request) -> Cache:
+    cache: Cache = request.app.state.cache
+    return cache
 
 
 DbSession = Annotated[AsyncSession, Depends(unit_of_work, scope="function")]
 RedisClient = Annotated[Redis, Depends(get_redis)]
 AppSettings = Annotated[Settings, Depends(get_app_settings)]
+AppCache = Annotated[Cache, Depends(get_cache)]

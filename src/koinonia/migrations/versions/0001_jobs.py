@@ -29,6 +29,8 @@ DROP TYPE IF EXISTS procrastinate_job_status, procrastinate_job_event_type CASCA
 
 
 def upgrade() -> None:
+    # Feeds GET /admin/slow-queries; needs shared_preload_libraries (scripts/services.sh).
+    op.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
     op.get_bind().exec_driver_sql(SchemaManager.get_schema().replace("%", "%%"))
     op.create_table(
         "audit_log",
@@ -49,6 +51,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.execute("DROP EXTENSION IF EXISTS pg_stat_statements")
     op.drop_table("audit_log")
     op.execute(_PROCRASTINATE_OBJECTS)
     op.execute("""

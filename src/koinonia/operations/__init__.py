@@ -1,0 +1,1 @@
+"""Operator views: slow queries and cache statistics."""
