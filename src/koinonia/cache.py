@@ -11,6 +11,7 @@ If Redis is unavailable the loader runs directly: the API keeps serving from the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -28,10 +29,12 @@ T = TypeVar("T")
 
 log = structlog.get_logger("koinonia.cache")
 
-CACHE_REQUESTS = Counter("koinonia_cache_requests_total", "Cache lookups by outcome",
-                         ["cache", "result"])
-CACHE_LOAD_SECONDS = Histogram("koinonia_cache_load_seconds", "Time to compute a cache miss",
-                               ["cache"])
+CACHE_REQUESTS = Counter(
+    "koinonia_cache_requests_total", "Cache lookups by outcome", ["cache", "result"]
+)
+CACHE_LOAD_SECONDS = Histogram(
+    "koinonia_cache_load_seconds", "Time to compute a cache miss", ["cache"]
+)
 
 PREFIX = "cache:"
 TAG_PREFIX = "cache-tag:"
@@ -63,8 +66,14 @@ class Cache:
         self._read = redis.register_script(_READ_SCRIPT)
         self._refreshing: set[str] = set()
 
-    async def get_or_load(self, policy: CachePolicy, key: str, loader: Callable[[], Awaitable[T]],
-                          *, tags: Sequence[str] = ()) -> T:
+    async def get_or_load(
+        self,
+        policy: CachePolicy,
+        key: str,
+        loader: Callable[[], Awaitable[T]],
+        *,
+        tags: Sequence[str] = (),
+    ) -> T:
         base = f"{PREFIX}{policy.name}:{key}"
         try:
             versioned, raw = await self._read(keys=[TAG_PREFIX + t for t in tags], args=[base])
@@ -95,8 +104,9 @@ class Cache:
             return False
         return now - delta * policy.beta * math.log(self.rng.random() or 1e-12) >= expires
 
-    async def _load_locked(self, policy: CachePolicy, key: str,
-                           loader: Callable[[], Awaitable[T]]) -> T:
+    async def _load_locked(
+        self, policy: CachePolicy, key: str, loader: Callable[[], Awaitable[T]]
+    ) -> T:
         lock_key = f"{key}|lock"
         try:
             got_lock = await self.redis.set(lock_key, b"1", nx=True, px=LOCK_TTL_MS)
@@ -117,27 +127,25 @@ class Cache:
         try:
             return await self._compute_and_store(policy, key, loader)
         finally:
-            try:
+            with contextlib.suppress(RedisError):
                 await self.redis.delete(lock_key)
-            except RedisError:
-                pass
 
-    async def _compute_and_store(self, policy: CachePolicy, key: str,
-                                 loader: Callable[[], Awaitable[T]]) -> T:
+    async def _compute_and_store(
+        self, policy: CachePolicy, key: str, loader: Callable[[], Awaitable[T]]
+    ) -> T:
         started = time.perf_counter()
         value = await loader()
         delta = time.perf_counter() - started
         CACHE_LOAD_SECONDS.labels(policy.name).observe(delta)
         entry = {"v": value, "e": time.time() + policy.ttl, "d": delta}
         ttl_ms = max(1, int((policy.ttl + policy.stale_ttl) * 1000))
-        try:
+        with contextlib.suppress(RedisError):
             await self.redis.set(key, json.dumps(entry, default=str), px=ttl_ms)
-        except RedisError:
-            pass
         return value
 
-    def _refresh_in_background(self, policy: CachePolicy, key: str,
-                               loader: Callable[[], Awaitable[Any]]) -> None:
+    def _refresh_in_background(
+        self, policy: CachePolicy, key: str, loader: Callable[[], Awaitable[Any]]
+    ) -> None:
         if key in self._refreshing:
             return
         self._refreshing.add(key)
@@ -164,8 +172,7 @@ class Cache:
                 await pipe.execute()
         except RedisError as error:
             # Entries expire by TTL; log so the window of staleness is visible.
-            log.warning("cache_invalidation_failed", tags=list(tags),
-                        error=type(error).__name__)
+            log.warning("cache_invalidation_failed", tags=list(tags), error=type(error).__name__)
 
 
 def church_tag(church_id: object, what: str) -> str:
