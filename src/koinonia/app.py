@@ -22,7 +22,7 @@ from koinonia.cache import Cache
 from koinonia.db import Database
 from koinonia.errors import install_error_handlers
 from koinonia.health import routes as health_routes
-from koinonia.health.checks import database_check, redis_check
+from koinonia.health.checks import database_check, redis_check, replica_check
 from koinonia.http.middleware import (
     ObservabilityMiddleware,
     RequestLimitsMiddleware,
@@ -33,6 +33,7 @@ from koinonia.logging import configure_logging
 from koinonia.observability import metrics_endpoint
 from koinonia.operations import routes as operations_routes
 from koinonia.redis import create_redis
+from koinonia.replicas import ReplicaRouter
 from koinonia.settings import Settings, get_settings
 from koinonia.tracing import build_tracer_provider, fastapi_telemetry, instrument_clients
 
@@ -67,7 +68,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.database = database
     app.state.redis = redis
     app.state.cache = Cache(redis)
-    app.state.health_checks = [database_check(database), redis_check(redis)]
+    replicas = ReplicaRouter(
+        database,
+        redis,
+        max_lag=settings.replica_max_lag_seconds,
+        ryw_seconds=settings.read_your_writes_seconds,
+    )
+    app.state.replicas = replicas
+    await replicas.start()
+    app.state.health_checks = [
+        database_check(database),
+        redis_check(redis),
+        *(
+            replica_check(i, replicas.lags, replicas.max_lag)
+            for i in range(len(database.replica_engines))
+        ),
+    ]
     provider = app.state.tracer_provider
     if provider is not None:
         instrument_clients(provider, [database.engine, *database.replica_engines])
@@ -78,6 +94,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await features.enter_async_context(module.lifespan(app))
             yield
     finally:
+        await replicas.stop()
         await redis.aclose()
         await database.dispose()
 

@@ -39,8 +39,9 @@ async def test_stampede_runs_the_loader_once(redis: Redis) -> None:
         await asyncio.sleep(0.1)
         return 42
 
-    results = await asyncio.gather(*(cache.get_or_load(policy, "hot", slow_load)
-                                     for _ in range(50)))
+    results = await asyncio.gather(
+        *(cache.get_or_load(policy, "hot", slow_load) for _ in range(50))
+    )
     assert results == [42] * 50
     assert len(calls) == 1
 
@@ -71,8 +72,9 @@ async def test_redis_down_falls_back_to_the_loader() -> None:
     await dead.aclose()
 
 
-async def test_admin_cache_and_slow_query_reports(client: httpx.AsyncClient,
-                                                  tenant_factory: object) -> None:
+async def test_admin_cache_and_slow_query_reports(
+    client: httpx.AsyncClient, tenant_factory: object
+) -> None:
     operator = await tenant_factory(is_operator=True)  # type: ignore[operator]
     staff = await tenant_factory(role="staff")  # type: ignore[operator]
     report = await client.get("/api/v1/admin/cache", headers=operator.headers)

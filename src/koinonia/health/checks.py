@@ -84,3 +84,16 @@ def redis_check(redis: Redis) -> HealthCheck:
         await redis.ping()
 
     return HealthCheck("redis", probe)
+
+
+def replica_check(index: int, lags: list[float | None], max_lag: float) -> HealthCheck:
+    """Non-critical: reads fall back to the primary when a replica is down or behind."""
+
+    async def probe() -> None:
+        lag = lags[index]
+        if lag is None:
+            raise ConnectionError("replica unreachable")
+        if lag > max_lag:
+            raise Degraded(f"lag {lag:.1f}s over {max_lag:g}s; reads go to the primary")
+
+    return HealthCheck(f"replica{index}", probe, critical=False)

@@ -43,6 +43,10 @@ async def unit_of_work(request: Request) -> AsyncIterator[AsyncSession]:
         except BaseException:
             await session.rollback()
             raise
+        principal = getattr(request.state, "principal", None)
+        if principal is not None and request.method not in ("GET", "HEAD", "OPTIONS"):
+            # Read-your-own-writes: this church reads from the primary for a while.
+            await request.app.state.replicas.note_write(principal.church_id)
         tags = session.info.pop(CACHE_TAGS_KEY, None)
         if tags:
             cache: Cache = request.app.state.cache
