@@ -47,7 +47,7 @@ def test_encryption_key_must_be_in_the_keyring() -> None:
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "koinonia.cli.main", *args],
+        [sys.executable, "-m", "koinonia", *args],
         capture_output=True,
         text=True,
         env=env,

@@ -35,14 +35,26 @@ def _dev_keypair() -> tuple[str, str]:
         key = Ed25519PrivateKey.from_private_bytes(seed)
     else:
         key = Ed25519PrivateKey.generate()
-        seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                 serialization.NoEncryption())
+        seed = key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
         DEV_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
         DEV_KEY_FILE.write_text(base64.b64encode(seed).decode())
         DEV_KEY_FILE.chmod(0o600)
-    public = key.public_key().public_bytes(serialization.Encoding.Raw,
-                                           serialization.PublicFormat.Raw)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
     return base64.b64encode(seed).decode(), base64.b64encode(public).decode()
+
+
+def _commands() -> set[str]:
+    from typer.main import get_command
+
+    from koinonia.cli.main import app
+
+    return set(get_command(app).commands)  # type: ignore[attr-defined]
 
 
 def _wait_http(url: str, timeout: float = 30.0) -> bool:
@@ -76,23 +88,30 @@ def dev(
     env.setdefault("SANDBOX_TELNYX_PRIVATE_KEY", private_key)
     env.setdefault("SANDBOX_TELNYX_API_KEY", settings.telnyx_api_key.get_secret_value())
     env.setdefault("SANDBOX_STRIPE_API_KEY", settings.stripe_api_key.get_secret_value())
-    env.setdefault("SANDBOX_STRIPE_WEBHOOK_SECRET",
-                   settings.stripe_webhook_secrets.get_secret_value().split(",")[0])
+    env.setdefault(
+        "SANDBOX_STRIPE_WEBHOOK_SECRET",
+        settings.stripe_webhook_secrets.get_secret_value().split(",")[0],
+    )
     base = str(settings.public_base_url).rstrip("/")
     env.setdefault("SANDBOX_TELNYX_WEBHOOK_URL", f"{base}/api/v1/webhooks/telnyx")
     env.setdefault("SANDBOX_STRIPE_WEBHOOK_URL", f"{base}/api/v1/webhooks/stripe")
 
-    koinonia = [sys.executable, "-m", "koinonia.cli.main"]
-    processes = [subprocess.Popen([*koinonia, "sandbox"], env=env)]  # noqa: S603
-    processes += [subprocess.Popen([*koinonia, "worker"], env=env)  # noqa: S603
-                  for _ in range(workers)]
+    koinonia = [sys.executable, "-m", "koinonia"]
+    available = _commands()
+    processes = []
+    if "sandbox" in available:
+        processes.append(subprocess.Popen([*koinonia, "sandbox"], env=env))  # noqa: S603
+    processes += [
+        subprocess.Popen([*koinonia, "worker"], env=env)  # noqa: S603
+        for _ in range(workers)
+    ]
     processes.append(subprocess.Popen([*koinonia, "api"], env=env))  # noqa: S603
     api = f"http://{settings.api_host}:{settings.api_port}"
     try:
         if not _wait_http(f"{api}/livez"):
             typer.echo("the API did not start; see the log above", err=True)
             raise typer.Exit(1)
-        if seed:
+        if seed and "seed-demo" in available:
             subprocess.run([*koinonia, "seed-demo"], env=env, check=False)  # noqa: S603
         typer.echo(
             f"\nKoinonia is running:\n"

@@ -8,7 +8,7 @@ import sys
 import typer
 import uvicorn
 
-from koinonia.cli import database
+from koinonia.cli import database, dev
 from koinonia.cli.common import settings_or_exit
 from koinonia.settings import Settings, SettingsError, load_settings
 
@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 app.command()(database.migrate)
 app.command()(database.downgrade)
+app.command()(dev.dev)
 
 
 @app.command("check-env")
@@ -93,7 +94,3 @@ def worker(
     from koinonia.worker import run_worker
 
     asyncio.run(run_worker(settings, concurrency=concurrency, queues=queues or None))
-
-
-if __name__ == "__main__":
-    app()

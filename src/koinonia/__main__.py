@@ -1,0 +1,5 @@
+"""`python -m koinonia` runs the CLI."""
+
+from koinonia.cli import app
+
+app()
