@@ -64,6 +64,8 @@ def make_settings(**overrides: Any) -> Settings:
         "log_level": "INFO",
         "database_pool_size": 5,
         "database_max_overflow": 5,
+        # Tests register many churches from one address; the per-IP limit has its own tests.
+        "rate_limit_login_per_minute": 100_000,
     }
     values.update(overrides)
     return load_settings(**values)
@@ -123,3 +125,18 @@ async def tenant_factory(app: FastAPI, settings: Settings) -> Any:
             return await create_tenant(session, settings, **kwargs)
 
     return make
+
+
+@pytest.fixture
+async def owner(client: httpx.AsyncClient) -> Any:
+    """A church registered through the API, with its owner's tokens."""
+    from tests.support.api import register
+
+    return await register(client)
+
+
+@pytest.fixture
+async def other_church(client: httpx.AsyncClient) -> Any:
+    from tests.support.api import register
+
+    return await register(client)

@@ -18,9 +18,11 @@ from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
 
 from koinonia import __doc__ as package_doc
+from koinonia.accounts import routes as accounts_routes
 from koinonia.cache import Cache
 from koinonia.db import Database
 from koinonia.errors import install_error_handlers
+from koinonia.groups import routes as groups_routes
 from koinonia.health import routes as health_routes
 from koinonia.health.checks import database_check, redis_check, replica_check
 from koinonia.http.middleware import (
@@ -29,12 +31,16 @@ from koinonia.http.middleware import (
     SecurityHeadersMiddleware,
 )
 from koinonia.http.schemas import Problem
+from koinonia.jobs import build_job_app
 from koinonia.logging import configure_logging
+from koinonia.members import routes as members_routes
 from koinonia.observability import metrics_endpoint
 from koinonia.operations import routes as operations_routes
+from koinonia.ratelimit import RateLimiter
 from koinonia.redis import create_redis
 from koinonia.replicas import ReplicaRouter
 from koinonia.settings import Settings, get_settings
+from koinonia.templates import routes as templates_routes
 from koinonia.tracing import build_tracer_provider, fastapi_telemetry, instrument_clients
 
 API_PREFIX = "/api/v1"
@@ -50,6 +56,10 @@ def feature_routers() -> list[APIRouter]:
     """Every feature router; each declares its full prefix (`/api/v1/...`)."""
     return [
         health_routes.router,
+        *accounts_routes.routers,
+        *members_routes.routers,
+        groups_routes.router,
+        templates_routes.router,
         operations_routes.router,
     ]
 
@@ -68,6 +78,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.database = database
     app.state.redis = redis
     app.state.cache = Cache(redis)
+    app.state.rate_limiter = RateLimiter(redis, settings.rate_limit_allowlist)
+    # Used only to defer jobs inside request transactions (never opened: no pool needed).
+    app.state.job_app = build_job_app(settings)
     replicas = ReplicaRouter(
         database,
         redis,

@@ -9,15 +9,56 @@ needs settings). A job deferred during a request goes into the request's own tra
 from __future__ import annotations
 
 import importlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from procrastinate import App, Blueprint, PsycopgConnector
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from koinonia.db import Database
+from koinonia.redis import create_redis
 from koinonia.settings import Settings
 
 # Modules that expose `blueprint: procrastinate.Blueprint`; features append themselves here.
-BLUEPRINT_MODULES: list[str] = []
+BLUEPRINT_MODULES: list[str] = [
+    "koinonia.members.jobs",
+]
+
+
+@dataclass
+class JobResources:
+    """What tasks use: opened once per worker process, shared by all its jobs."""
+
+    settings: Settings
+    database: Database
+    redis: Redis
+    job_app: App
+
+
+_resources: JobResources | None = None
+
+
+def resources() -> JobResources:
+    if _resources is None:
+        raise RuntimeError("job resources are not open in this process")
+    return _resources
+
+
+@asynccontextmanager
+async def open_resources(settings: Settings, job_app: App) -> AsyncIterator[JobResources]:
+    global _resources
+    database = Database(settings)
+    redis = create_redis(settings)
+    _resources = JobResources(settings, database, redis, job_app)
+    try:
+        yield _resources
+    finally:
+        _resources = None
+        await redis.aclose()
+        await database.dispose()
 
 
 def psycopg_conninfo(sqlalchemy_url: str) -> str:

@@ -10,6 +10,9 @@ TABLE_MODULES: list[str] = [
     "koinonia.accounts.tables",
     "koinonia.inbox.tables",
     "koinonia.deadletters.tables",
+    "koinonia.members.tables",
+    "koinonia.groups.tables",
+    "koinonia.templates.tables",
 ]
 
 

@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     cors_max_age: int = Field(600, ge=0, le=86400)
     max_json_body_bytes: int = Field(100_000, gt=0)
     max_import_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    import_inline_max_bytes: int = Field(256 * 1024, ge=0)
     max_url_length: int = Field(8192, ge=256)
     gzip_minimum_size: int = Field(1024, ge=0)
     gzip_level: int = Field(6, ge=1, le=9)

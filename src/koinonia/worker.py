@@ -6,7 +6,7 @@ from typing import Any
 
 import structlog
 
-from koinonia.jobs import build_job_app
+from koinonia.jobs import build_job_app, open_resources
 from koinonia.logging import configure_logging
 from koinonia.settings import Settings
 
@@ -20,5 +20,5 @@ async def run_worker(settings: Settings, *, concurrency: int, queues: list[str] 
     options: dict[str, Any] = {"concurrency": concurrency, "install_signal_handlers": True}
     if queues:  # procrastinate listens to every queue unless told otherwise
         options["queues"] = queues
-    async with job_app.open_async():
+    async with job_app.open_async(), open_resources(settings, job_app):
         await job_app.run_worker_async(**options)

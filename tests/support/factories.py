@@ -24,22 +24,35 @@ class Tenant:
         return {"Authorization": f"Bearer {self.token}"}
 
 
-async def create_tenant(session: AsyncSession, settings: Settings, *, role: str = "owner",
-                        church_name: str | None = None, phone_number: str | None = None,
-                        church_id: uuid.UUID | None = None,
-                        is_operator: bool = False) -> Tenant:
+async def create_tenant(
+    session: AsyncSession,
+    settings: Settings,
+    *,
+    role: str = "owner",
+    church_name: str | None = None,
+    phone_number: str | None = None,
+    church_id: uuid.UUID | None = None,
+    is_operator: bool = False,
+) -> Tenant:
     """A church (or a new user in `church_id`) and an access token for that user."""
     if church_id is None:
-        church = Church(name=church_name or f"Church {uuid.uuid4().hex[:6]}",
-                        phone_number=phone_number)
+        church = Church(
+            name=church_name or f"Church {uuid.uuid4().hex[:6]}", phone_number=phone_number
+        )
         session.add(church)
         await session.flush()
         church_id = church.id
-    user = User(church_id=church_id, email=f"{uuid.uuid4().hex[:12]}@example.org",
-                name="Test User", password_hash="!unusable", role=role,
-                is_operator=is_operator)
+    user = User(
+        church_id=church_id,
+        email=f"{uuid.uuid4().hex[:12]}@example.org",
+        name="Test User",
+        password_hash="!unusable",
+        role=role,
+        is_operator=is_operator,
+    )
     session.add(user)
     await session.flush()
-    token = issue_access_token(settings, user_id=user.id, church_id=church_id, role=role,
-                               is_operator=is_operator)
+    token = issue_access_token(
+        settings, user_id=user.id, church_id=church_id, role=role, is_operator=is_operator
+    )
     return Tenant(church_id, user.id, token, role)

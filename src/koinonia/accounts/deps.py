@@ -6,7 +6,7 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 from sqlalchemy import select, update
 
 from koinonia.accounts import api_keys
@@ -15,6 +15,7 @@ from koinonia.accounts.tables import ApiKey
 from koinonia.accounts.tokens import decode_access_token
 from koinonia.errors import AuthenticationError, AuthorizationError
 from koinonia.http.deps import get_app_settings, get_database
+from koinonia.http.ratelimits import apply_limit, user_policy
 
 LAST_USED_GRANULARITY = timedelta(minutes=1)
 
@@ -50,7 +51,7 @@ async def _principal_from_api_key(request: Request, token: str) -> Principal:
         return Principal(church_id=key.church_id, role=key.role, api_key_id=key.id)
 
 
-async def get_principal(request: Request) -> Principal:
+async def get_principal(request: Request, response: Response) -> Principal:
     token = _bearer(request)
     if api_keys.looks_like_api_key(token):
         principal = await _principal_from_api_key(request, token)
@@ -61,6 +62,8 @@ async def get_principal(request: Request) -> Principal:
     request.scope.setdefault("state", {})["church_id"] = str(principal.church_id)
     if principal.user_id:
         request.scope["state"]["user_id"] = str(principal.user_id)
+    settings = get_app_settings(request)
+    await apply_limit(request, response, principal.rate_limit_key, user_policy(settings))
     return principal
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import uuid
+from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Query
@@ -48,6 +50,28 @@ def decode_cursor(cursor: str) -> list[Any]:
             "The cursor is not valid", errors=[FieldError("cursor", "not a cursor from this API")]
         )
     return value
+
+
+def _bad_cursor() -> ValidationError:
+    return ValidationError(
+        "The cursor is not valid", errors=[FieldError("cursor", "not a cursor from this API")]
+    )
+
+
+def cursor_uuid(page: PageParams, index: int = 0) -> uuid.UUID:
+    """Element `index` of the cursor as a UUID (a tampered cursor is a 422, not a 500)."""
+    try:
+        return uuid.UUID(str((page.cursor or [])[index]))
+    except (ValueError, IndexError):
+        raise _bad_cursor() from None
+
+
+def cursor_datetime(page: PageParams, index: int = 0) -> datetime:
+    try:
+        value = datetime.fromisoformat(str((page.cursor or [])[index]))
+    except (ValueError, IndexError):
+        raise _bad_cursor() from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def page_params(

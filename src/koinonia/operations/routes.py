@@ -57,24 +57,42 @@ class CacheReport(BaseModel):
     responses=problem_responses(401, 403, 503),
 )
 async def slow_queries(
-    _: Operator, session: DbSession, settings: AppSettings,
+    _: Operator,
+    session: DbSession,
+    settings: AppSettings,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
 ) -> SlowQueryReport:
     try:
-        rows = (await session.execute(text(
-            "SELECT query, calls, mean_exec_time, max_exec_time, total_exec_time, rows "
-            "FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database "
-            "WHERE datname = current_database()) AND mean_exec_time >= :threshold "
-            "ORDER BY mean_exec_time DESC LIMIT :limit"),
-            {"threshold": settings.slow_query_ms, "limit": limit})).all()
+        rows = (
+            await session.execute(
+                text(
+                    "SELECT query, calls, mean_exec_time, max_exec_time, total_exec_time, rows "
+                    "FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database "
+                    "WHERE datname = current_database()) AND mean_exec_time >= :threshold "
+                    "ORDER BY mean_exec_time DESC LIMIT :limit"
+                ),
+                {"threshold": settings.slow_query_ms, "limit": limit},
+            )
+        ).all()
     except DBAPIError:
         raise ServiceUnavailableError(
-            "pg_stat_statements is not available on this database server") from None
+            "pg_stat_statements is not available on this database server"
+        ) from None
     return SlowQueryReport(
-        threshold_ms=settings.slow_query_ms, source="pg_stat_statements",
-        data=[SlowQuery(query=" ".join(r[0].split())[:2000], calls=r[1],
-                        mean_ms=round(r[2], 2), max_ms=round(r[3], 2),
-                        total_ms=round(r[4], 2), rows=r[5]) for r in rows])
+        threshold_ms=settings.slow_query_ms,
+        source="pg_stat_statements",
+        data=[
+            SlowQuery(
+                query=" ".join(r[0].split())[:2000],
+                calls=r[1],
+                mean_ms=round(r[2], 2),
+                max_ms=round(r[3], 2),
+                total_ms=round(r[4], 2),
+                rows=r[5],
+            )
+            for r in rows
+        ],
+    )
 
 
 def _cache_counters() -> dict[str, dict[str, int]]:
@@ -101,9 +119,16 @@ async def cache_stats(_: Operator, redis: RedisClient, request: Request) -> Cach
         hits, stale = c.get("hit", 0), c.get("stale", 0)
         misses, errors = c.get("miss", 0), c.get("error", 0)
         total = hits + stale + misses + errors
-        caches.append(CacheStats(name=name, hits=hits, misses=misses, stale=stale,
-                                 errors=errors,
-                                 hit_ratio=round((hits + stale) / total, 4) if total else None))
+        caches.append(
+            CacheStats(
+                name=name,
+                hits=hits,
+                misses=misses,
+                stale=stale,
+                errors=errors,
+                hit_ratio=round((hits + stale) / total, 4) if total else None,
+            )
+        )
     keys = 0
     memory: int | None = None
     try:

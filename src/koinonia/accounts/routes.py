@@ -1,0 +1,212 @@
+"""Auth (`/auth`), the church profile (`/church`), staff (`/users`) and API keys."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, status
+from sqlalchemy import select
+
+from koinonia.accounts import service, sessions
+from koinonia.accounts.deps import CurrentPrincipal, Manager
+from koinonia.accounts.lockout import LoginLockout
+from koinonia.accounts.schemas import (
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyIdentity,
+    ApiKeyOut,
+    ChurchOut,
+    ChurchUpdate,
+    LoginRequest,
+    MeOut,
+    RefreshRequest,
+    RegisterOut,
+    RegisterRequest,
+    TokenPair,
+    UserCreate,
+    UserOut,
+    UserUpdate,
+)
+from koinonia.accounts.tables import ApiKey, Church, User
+from koinonia.accounts.tokens import issue_access_token
+from koinonia.errors import AuthenticationError, RateLimitedError, problem_responses
+from koinonia.http.deps import AppSettings, DbSession, get_database
+from koinonia.http.pagination import Page, PageParams, cursor_uuid, make_page, page_params
+from koinonia.http.ratelimits import limit_per_ip
+
+auth = APIRouter(prefix="/api/v1/auth", tags=["auth"])
+church = APIRouter(prefix="/api/v1/church", tags=["auth"])
+users = APIRouter(prefix="/api/v1/users", tags=["staff"])
+keys = APIRouter(prefix="/api/v1/api-keys", tags=["staff"])
+routers = [auth, church, users, keys]
+
+Pages = Annotated[PageParams, Depends(page_params)]
+AUTHED = problem_responses(401, 429)
+MANAGED = problem_responses(401, 403, 404, 422, 429)
+
+
+def _lockout(request: Request) -> LoginLockout:
+    settings = request.app.state.settings
+    return LoginLockout(
+        request.app.state.redis,
+        failures=settings.login_lockout_failures,
+        seconds=settings.login_lockout_seconds,
+    )
+
+
+@auth.post(
+    "/register",
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[Depends(limit_per_ip("register"))],
+    responses=problem_responses(409, 422, 429),
+)
+async def register(body: RegisterRequest, session: DbSession, settings: AppSettings) -> RegisterOut:
+    """Create a church and its owner; answers the owner's first token pair."""
+    church_row, user = await service.register(session, body)
+    pair = await service.token_pair(session, settings, user)
+    return RegisterOut(
+        **pair.model_dump(),
+        user=UserOut.model_validate(user),
+        church=ChurchOut.model_validate(church_row),
+    )
+
+
+@auth.post(
+    "/login",
+    dependencies=[Depends(limit_per_ip("login"))],
+    responses=problem_responses(401, 422, 429),
+)
+async def login(
+    body: LoginRequest, request: Request, session: DbSession, settings: AppSettings
+) -> TokenPair:
+    lockout = _lockout(request)
+    if wait := await lockout.locked_for(body.email):
+        raise RateLimitedError(
+            "Too many failed logins; try again later", headers={"Retry-After": str(wait)}
+        )
+    try:
+        user = await service.authenticate(session, body.email, body.password)
+    except AuthenticationError:
+        await lockout.failed(body.email)
+        raise
+    await lockout.succeeded(body.email)
+    return await service.token_pair(session, settings, user)
+
+
+@auth.post("/refresh", responses=problem_responses(401, 422))
+async def refresh(body: RefreshRequest, request: Request, settings: AppSettings) -> TokenPair:
+    """Exchange a refresh token for a new pair; a token works once."""
+    # Its own transaction: revoking a reused token's family must commit even though the
+    # answer is an error.
+    async with get_database(request).unit_of_work() as session:
+        rotation = await sessions.rotate(
+            session, body.refresh_token, settings.refresh_token_ttl_seconds
+        )
+        if rotation.user is not None and rotation.token is not None:
+            user = rotation.user
+            return TokenPair(
+                access_token=issue_access_token(
+                    settings,
+                    user_id=user.id,
+                    church_id=user.church_id,
+                    role=user.role,
+                    is_operator=user.is_operator,
+                ),
+                refresh_token=rotation.token,
+                expires_in=settings.access_token_ttl_seconds,
+            )
+    if rotation.reused:
+        raise AuthenticationError("This refresh token was already used; log in again")
+    raise AuthenticationError("The refresh token is not valid")
+
+
+@auth.post("/logout", status_code=status.HTTP_204_NO_CONTENT, responses=AUTHED)
+async def logout(body: RefreshRequest, principal: CurrentPrincipal, session: DbSession) -> None:
+    """Revoke the session (the refresh token's family). Access tokens expire on their own."""
+    if principal.user_id is None or not await sessions.revoke_token_family(
+        session, body.refresh_token, principal.user_id
+    ):
+        raise AuthenticationError("The refresh token is not valid")
+
+
+@auth.get("/me", responses=AUTHED)
+async def me(principal: CurrentPrincipal, session: DbSession) -> MeOut:
+    church_row = await session.get(Church, principal.church_id)
+    if church_row is None:
+        raise AuthenticationError()
+    user = await session.get(User, principal.user_id) if principal.user_id else None
+    return MeOut(
+        user=UserOut.model_validate(user) if user else None,
+        api_key=(
+            ApiKeyIdentity(id=principal.api_key_id, role=principal.role)
+            if principal.api_key_id
+            else None
+        ),
+        church=ChurchOut.model_validate(church_row),
+    )
+
+
+@church.patch("", responses=MANAGED)
+async def update_church(body: ChurchUpdate, principal: Manager, session: DbSession) -> ChurchOut:
+    row = await session.get(Church, principal.church_id)
+    if row is None:
+        raise AuthenticationError()
+    for field, value in body.model_dump(exclude_unset=True).items():
+        if value is not None or field == "help_text":
+            setattr(row, field, value)
+    await session.flush()
+    await session.refresh(row)
+    return ChurchOut.model_validate(row)
+
+
+@users.get("", responses=MANAGED)
+async def list_users(principal: Manager, session: DbSession, page: Pages) -> Page[UserOut]:
+    query = select(User).where(User.church_id == principal.church_id)
+    if page.cursor:
+        query = query.where(User.id > cursor_uuid(page))
+    rows = (await session.scalars(query.order_by(User.id).limit(page.limit + 1))).all()
+    return make_page([UserOut.model_validate(r) for r in rows], page.limit, lambda u: [u.id])
+
+
+@users.post(
+    "", status_code=status.HTTP_201_CREATED, responses=problem_responses(401, 403, 409, 422, 429)
+)
+async def create_user(body: UserCreate, principal: Manager, session: DbSession) -> UserOut:
+    return UserOut.model_validate(await service.create_user(session, principal, body))
+
+
+@users.patch("/{user_id}", responses=MANAGED)
+async def update_user(
+    user_id: uuid.UUID, body: UserUpdate, principal: Manager, session: DbSession
+) -> UserOut:
+    user = await service.update_user(session, principal, user_id, body)
+    return UserOut.model_validate(user)
+
+
+@users.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT, responses=MANAGED)
+async def delete_user(user_id: uuid.UUID, principal: Manager, session: DbSession) -> None:
+    await service.delete_user(session, principal, user_id)
+
+
+@keys.get("", responses=MANAGED)
+async def list_api_keys(principal: Manager, session: DbSession, page: Pages) -> Page[ApiKeyOut]:
+    query = select(ApiKey).where(ApiKey.church_id == principal.church_id)
+    if page.cursor:
+        query = query.where(ApiKey.id > cursor_uuid(page))
+    rows = (await session.scalars(query.order_by(ApiKey.id).limit(page.limit + 1))).all()
+    return make_page([ApiKeyOut.model_validate(r) for r in rows], page.limit, lambda k: [k.id])
+
+
+@keys.post("", status_code=status.HTTP_201_CREATED, responses=MANAGED)
+async def create_api_key(
+    body: ApiKeyCreate, principal: Manager, session: DbSession
+) -> ApiKeyCreated:
+    """Create a key. The key is shown once, in this answer; only its hash is kept."""
+    key, plaintext = await service.create_api_key(session, principal, body)
+    return ApiKeyCreated(**ApiKeyOut.model_validate(key).model_dump(), key=plaintext)
+
+
+@keys.delete("/{key_id}", status_code=status.HTTP_204_NO_CONTENT, responses=MANAGED)
+async def revoke_api_key(key_id: uuid.UUID, principal: Manager, session: DbSession) -> None:
+    await service.revoke_api_key(session, principal, key_id)

@@ -1,0 +1,1 @@
+"""Groups of members, with bulk membership changes."""

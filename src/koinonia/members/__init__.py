@@ -1,0 +1,1 @@
+"""Members: a church's contacts, with encrypted phone and email, and their CSV import."""

@@ -1,0 +1,33 @@
+"""Tables of the templates feature."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import DateTime, ForeignKey, Index, String, func, text
+from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.orm import Mapped, mapped_column
+
+from koinonia.db import Base
+
+
+class Template(Base):
+    __tablename__ = "templates"
+    __table_args__ = (
+        Index("uq_templates_church_name", "church_id", func.lower(text("name")), unique=True),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True),
+        primary_key=True,
+        server_default=text("gen_random_uuid()"),
+        default=uuid.uuid4,
+    )
+    church_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("churches.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(100))
+    body: Mapped[str] = mapped_column(String(1600))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
