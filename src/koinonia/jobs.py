@@ -8,6 +8,7 @@ needs settings). A job deferred during a request goes into the request's own tra
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -65,6 +66,20 @@ def psycopg_conninfo(sqlalchemy_url: str) -> str:
     return sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
+@functools.cache
+def _task_registry() -> App:
+    """Every feature's tasks, registered once per process.
+
+    procrastinate renames a blueprint's tasks in place when it namespaces them, so they
+    can be added to one App only; every real App is this one `with_connector(...)`.
+    """
+    registry = App(connector=PsycopgConnector())  # never opened
+    for module_name in BLUEPRINT_MODULES:
+        blueprint: Blueprint = importlib.import_module(module_name).blueprint
+        registry.add_tasks_from(blueprint, namespace=module_name.split(".")[1])
+    return registry
+
+
 def build_job_app(settings: Settings, *, pool_max: int = 4) -> App:
     connector = PsycopgConnector(
         conninfo=psycopg_conninfo(settings.database_url),
@@ -73,11 +88,7 @@ def build_job_app(settings: Settings, *, pool_max: int = 4) -> App:
         # Same reason as the SQLAlchemy engines: PgBouncer in transaction mode.
         kwargs={"prepare_threshold": None},
     )
-    app = App(connector=connector)
-    for module_name in BLUEPRINT_MODULES:
-        blueprint: Blueprint = importlib.import_module(module_name).blueprint
-        app.add_tasks_from(blueprint, namespace=module_name.split(".")[1])
-    return app
+    return _task_registry().with_connector(connector)
 
 
 async def raw_connection(session: AsyncSession) -> Any:

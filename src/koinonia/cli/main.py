@@ -8,7 +8,7 @@ import sys
 import typer
 import uvicorn
 
-from koinonia.cli import database, dev
+from koinonia.cli import database, dev, members, seed
 from koinonia.cli.common import settings_or_exit
 from koinonia.settings import Settings, SettingsError, load_settings
 
@@ -20,6 +20,8 @@ app = typer.Typer(
 app.command()(database.migrate)
 app.command()(database.downgrade)
 app.command()(dev.dev)
+app.command("seed-demo")(seed.seed_demo)
+app.add_typer(members.app, name="members")
 
 
 @app.command("check-env")

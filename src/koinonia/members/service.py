@@ -108,7 +108,7 @@ async def create_member(
     member.first_name = body.first_name
     member.last_name = body.last_name
     member.phone_ct = cipher.encrypt(phone, church_id)
-    member.email_ct = cipher.encrypt(str(body.email), church_id) if body.email else None
+    member.email_ct = cipher.encrypt(str(body.email).lower(), church_id) if body.email else None
     member.email_hash = cipher.email_hash(str(body.email), church_id) if body.email else None
     member.updated_at = datetime.now(UTC)
     if body.opted_out:
@@ -140,7 +140,7 @@ async def update_member(
         member.phone_ct = cipher.encrypt(phone, church_id)
         member.is_unknown = False
     if "email" in changes:
-        member.email_ct = cipher.encrypt(str(body.email), church_id) if body.email else None
+        member.email_ct = cipher.encrypt(str(body.email).lower(), church_id) if body.email else None
         member.email_hash = cipher.email_hash(str(body.email), church_id) if body.email else None
     if body.opted_out is not None:
         _set_opt_out(member, body.opted_out, "api")
