@@ -82,7 +82,7 @@ async def test_whole_file_problems(client: httpx.AsyncClient, owner: Account) ->
     no_phone = await _upload(client, owner, "name,email\nAda,a@b.org\n")
     assert no_phone.json()["status"] == "failed"
     assert "no phone column" in no_phone.json()["failure"]
-    not_utf8 = await _upload(client, owner, "phone\n".encode() + b"\xff\xfe\x00bad\n")
+    not_utf8 = await _upload(client, owner, b"phone\n" + b"\xff\xfe\x00bad\n")
     assert not_utf8.json()["status"] == "failed"
     mapped = await _upload(
         client, owner, "Cell,Who\n4155550301,Zed\n", column_map='{"phone": "Cell", "name": "Who"}'
@@ -139,7 +139,7 @@ def test_cli_import_with_progress(settings: Settings, tmp_path: Any, owner: Acco
         "KOINONIA_ENV": "test",
         "PATH": "/usr/bin:/bin",
     }
-    result = subprocess.run(  # noqa: S603
+    result = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -159,7 +159,7 @@ def test_cli_import_with_progress(settings: Settings, tmp_path: Any, owner: Acco
     assert result.returncode == 0, result.stderr
     assert "created 2" in result.stdout and "errors 1" in result.stdout
     assert "row 4: phone" in result.stdout
-    missing = subprocess.run(  # noqa: S603
+    missing = subprocess.run(
         [
             sys.executable,
             "-m",
