@@ -45,6 +45,7 @@ class ContactCipher:
         self._active = self._ciphers[active_key_id]
         self._header = active_key_id.encode() + b"\x00"
         self._hmac_key = hmac_key
+        self._prefixes: dict[bytes, hmac.HMAC] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ContactCipher:
@@ -74,8 +75,16 @@ class ContactCipher:
         return bytes(blob).partition(b"\x00")[0].decode(errors="replace")
 
     def blind_index(self, field: str, value: str, church_id: uuid.UUID) -> bytes:
-        message = church_id.bytes + field.encode() + b"\x00" + value.encode()
-        return hmac.new(self._hmac_key, message, hashlib.sha256).digest()
+        prefix = church_id.bytes + field.encode() + b"\x00"
+        # HMAC state after the (church, field) prefix, reused for every value.
+        state = self._prefixes.get(prefix)
+        if state is None:
+            if len(self._prefixes) > 1024:
+                self._prefixes.clear()
+            state = self._prefixes[prefix] = hmac.new(self._hmac_key, prefix, hashlib.sha256)
+        mac = state.copy()
+        mac.update(value.encode())
+        return mac.digest()
 
     def phone_hash(self, e164: str, church_id: uuid.UUID) -> bytes:
         return self.blind_index("phone", e164, church_id)

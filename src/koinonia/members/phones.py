@@ -36,17 +36,27 @@ class InvalidPhoneError(ValueError):
     pass
 
 
+_Patterns = list[tuple[re.Pattern[str] | None, re.Pattern[str], list[re.Pattern[str]]]]
+
+
 @cache
-def _us_patterns() -> tuple[re.Pattern[str], list[re.Pattern[str]]]:
-    metadata = phonenumbers.PhoneMetadata.metadata_for_region("US")
-    assert metadata is not None and metadata.general_desc is not None
-    general = re.compile(metadata.general_desc.national_number_pattern or "")
-    types = [
-        re.compile(desc.national_number_pattern)
-        for name in _NUMBER_TYPES
-        if (desc := getattr(metadata, name)) is not None and desc.national_number_pattern
-    ]
-    return general, types
+def _nanp_patterns() -> _Patterns:
+    """(leading digits, general, per-type) patterns of every NANP region, main one first,
+    in the order `phonenumbers` tries them to find a number's region."""
+    compiled: _Patterns = []
+    for region in phonenumbers.COUNTRY_CODE_TO_REGION_CODE[1]:
+        metadata = phonenumbers.PhoneMetadata.metadata_for_region(region)
+        if metadata is None or metadata.general_desc is None:
+            continue
+        leading = re.compile(metadata.leading_digits) if metadata.leading_digits else None
+        general = re.compile(metadata.general_desc.national_number_pattern or "")
+        types = [
+            re.compile(desc.national_number_pattern)
+            for name in _NUMBER_TYPES
+            if (desc := getattr(metadata, name)) is not None and desc.national_number_pattern
+        ]
+        compiled.append((leading, general, types))
+    return compiled
 
 
 def _fast_nanp(raw: str) -> str | None:
@@ -54,9 +64,11 @@ def _fast_nanp(raw: str) -> str | None:
     if match is None:
         return None
     national = match.group(1)
-    general, types = _us_patterns()
-    if general.fullmatch(national) and any(p.fullmatch(national) for p in types):
-        return "+1" + national
+    for leading, general, types in _nanp_patterns():
+        if leading is not None and not leading.match(national):
+            continue
+        if general.fullmatch(national) and any(p.fullmatch(national) for p in types):
+            return "+1" + national
     return None
 
 

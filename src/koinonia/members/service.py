@@ -168,7 +168,6 @@ def search_filter(cipher: ContactCipher, church_id: uuid.UUID, region: str, q: s
         except InvalidPhoneError:
             pass
     pattern = "%" + q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-    # The same expression as the trigram index, so the index serves the search.
     return literal_column("lower(members.first_name || ' ' || members.last_name)").like(pattern)
 
 

@@ -20,7 +20,6 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")  # name search index
     op.create_table(
         "groups",
         sa.Column("id", sa.UUID(), server_default=sa.text("gen_random_uuid()"), nullable=False),
@@ -152,14 +151,11 @@ def upgrade() -> None:
         "ix_members_church_created", "members", ["church_id", "created_at", "id"], unique=False
     )
     op.create_index(
-        "ix_members_church_email_hash", "members", ["church_id", "email_hash"], unique=False
-    )
-    op.create_index(
-        "ix_members_name_trgm",
+        "ix_members_church_email_hash",
         "members",
-        [sa.literal_column("(lower(first_name || ' ' || last_name)) gin_trgm_ops")],
+        ["church_id", "email_hash"],
         unique=False,
-        postgresql_using="gin",
+        postgresql_where=sa.text("email_hash IS NOT NULL"),
     )
     op.create_table(
         "templates",
@@ -237,7 +233,6 @@ def downgrade() -> None:
     op.drop_index("uq_templates_church_name", table_name="templates")
     op.drop_index(op.f("ix_templates_church_id"), table_name="templates")
     op.drop_table("templates")
-    op.drop_index("ix_members_name_trgm", table_name="members", postgresql_using="gin")
     op.drop_index("ix_members_church_email_hash", table_name="members")
     op.drop_index("ix_members_church_created", table_name="members")
     op.drop_table("members")
