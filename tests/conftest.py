@@ -82,8 +82,20 @@ def database_name() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def settings(database_name: str) -> Settings:
-    return make_settings(database_url=app_database_url(database_name))
+def sandbox_port() -> int:
+    from tests.support.servers import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def settings(database_name: str, sandbox_port: int) -> Settings:
+    sandbox_url = f"http://127.0.0.1:{sandbox_port}"
+    return make_settings(
+        database_url=app_database_url(database_name),
+        stripe_base_url=sandbox_url,
+        telnyx_base_url=sandbox_url,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -115,6 +127,21 @@ def live_server(settings: Settings) -> Iterator[LiveServer]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def sandbox(live_server: LiveServer, sandbox_port: int) -> Iterator[LiveServer]:
+    """The Telnyx + Stripe sandbox on loopback, delivering webhooks to `live_server`."""
+    from koinonia.sandbox.server import create_sandbox_app
+    from koinonia.sandbox.state import SandboxConfig
+
+    config = SandboxConfig(
+        stripe_webhook_url=f"{live_server.url}/api/v1/webhooks/stripe",
+        telnyx_webhook_url=f"{live_server.url}/api/v1/webhooks/telnyx",
+        public_base_url=f"http://127.0.0.1:{sandbox_port}",
+    )
+    with LiveServer(lambda: create_sandbox_app(config), port=sandbox_port) as server:
+        yield server
+
+
 @pytest.fixture
 async def tenant_factory(app: FastAPI, settings: Settings) -> Any:
     """`await tenant_factory(role="owner")` → a committed church + user + access token."""
@@ -140,3 +167,12 @@ async def other_church(client: httpx.AsyncClient) -> Any:
     from tests.support.api import register
 
     return await register(client)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    from tests.support.report import REPORTS
+
+    if REPORTS:
+        terminalreporter.section("figures")
+        for line in REPORTS:
+            terminalreporter.write_line(line)

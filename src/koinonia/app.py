@@ -19,6 +19,7 @@ from starlette.middleware.gzip import GZipMiddleware
 
 from koinonia import __doc__ as package_doc
 from koinonia.accounts import routes as accounts_routes
+from koinonia.billing import routes as billing_routes
 from koinonia.cache import Cache
 from koinonia.db import Database
 from koinonia.errors import install_error_handlers
@@ -60,6 +61,7 @@ def feature_routers() -> list[APIRouter]:
         *members_routes.routers,
         groups_routes.router,
         templates_routes.router,
+        *billing_routes.routers,
         operations_routes.router,
     ]
 
@@ -67,7 +69,7 @@ def feature_routers() -> list[APIRouter]:
 # Features that own process-wide resources (HTTP clients, health checks) list a module
 # exposing `lifespan(app) -> AsyncContextManager[None]` here; each runs after the core
 # resources exist (app.state.database, .redis, .health_checks) and may append to them.
-FEATURE_LIFESPANS: list[str] = []
+FEATURE_LIFESPANS: list[str] = ["koinonia.billing.gateway"]
 
 
 @asynccontextmanager

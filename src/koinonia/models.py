@@ -13,6 +13,7 @@ TABLE_MODULES: list[str] = [
     "koinonia.members.tables",
     "koinonia.groups.tables",
     "koinonia.templates.tables",
+    "koinonia.billing.tables",
 ]
 
 

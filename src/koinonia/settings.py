@@ -141,6 +141,11 @@ class Settings(BaseSettings):
     stripe_api_key: SecretStr = SecretStr("sk_test_sandbox")
     stripe_webhook_secrets: SecretStr = SecretStr("whsec_sandbox")
     stripe_timeout: float = Field(10.0, gt=0)
+    stripe_webhook_tolerance_seconds: int = Field(300, ge=1)
+    # "id:stripe price id:monthly cents:included segments", comma-separated.
+    billing_plans: str = "starter:price_starter:2900:2000,growth:price_growth:7900:10000"
+    trial_segments: int = Field(250, ge=0)
+    trial_days: int = Field(14, ge=0)
 
     # --- Operations -----------------------------------------------------------------
     dlq_alert_threshold: int = Field(100, ge=1)
@@ -218,6 +223,17 @@ class Settings(BaseSettings):
             ids = {e.split(":", 1)[0].strip() for e in keys.get_secret_value().split(",")}
             if value not in ids:
                 raise ValueError("must name one of the ids in MEMBER_ENCRYPTION_KEYS")
+        return value
+
+    @field_validator("billing_plans")
+    @classmethod
+    def _plans(cls, value: str) -> str:
+        for entry in value.split(","):
+            parts = entry.strip().split(":")
+            if len(parts) != 4 or not parts[0] or not parts[1]:
+                raise ValueError("each plan must be 'id:price_id:monthly_cents:segments'")
+            if not (parts[2].isdigit() and parts[3].isdigit()):
+                raise ValueError("a plan's monthly cents and segments must be whole numbers")
         return value
 
     @field_validator("rate_limit_burst")

@@ -96,3 +96,15 @@ def worker(
     from koinonia.worker import run_worker
 
     asyncio.run(run_worker(settings, concurrency=concurrency, queues=queues or None))
+
+
+@app.command()
+def sandbox(
+    host: str = typer.Option("127.0.0.1", help="Bind address"),
+    port: int = typer.Option(8010, help="Port"),
+) -> None:
+    """Serve the local Telnyx + Stripe simulator (configured by SANDBOX_* variables)."""
+    from koinonia.sandbox.server import run
+    from koinonia.sandbox.state import SandboxConfig
+
+    run(host, port, SandboxConfig.from_env())

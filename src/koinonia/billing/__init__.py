@@ -1,0 +1,1 @@
+"""Billing: plans, Stripe checkout and portal, subscription events, the segment ledger."""

@@ -1,0 +1,192 @@
+"""The segment allowance: balance checks and debits under SERIALIZABLE, never below zero."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from koinonia.accounts.tables import Church
+from koinonia.billing.tables import LedgerEntry, Subscription
+from koinonia.db import Database
+from koinonia.errors import PaymentRequiredError, QuotaExceededError
+from koinonia.retry import in_transaction
+from koinonia.settings import Settings
+
+SENDING_STATUSES = frozenset({"trialing", "active"})
+
+
+class SubscriptionInactiveError(PaymentRequiredError):
+    code = "subscription_inactive"
+    title = "The subscription does not allow sending"
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    used: int
+    included: int
+    remaining: int
+    period_start: datetime
+    period_end: datetime
+
+
+async def ensure_subscription(
+    session: AsyncSession, settings: Settings, church_id: uuid.UUID
+) -> Subscription:
+    """The church's subscription row; a new church starts a trial with its allowance."""
+    found = await session.get(Subscription, church_id)
+    if found is not None:
+        return found
+    now = datetime.now(UTC)
+    await session.execute(
+        insert(Subscription)
+        .values(
+            church_id=church_id,
+            plan="trial",
+            status="trialing",
+            period_start=now,
+            period_end=now + timedelta(days=settings.trial_days),
+        )
+        .on_conflict_do_nothing()
+    )
+    subscription = await session.get(Subscription, church_id, populate_existing=True)
+    assert subscription is not None
+    await grant(session, church_id, subscription.period_start, settings.trial_segments, "trial")
+    return subscription
+
+
+async def grant(
+    session: AsyncSession,
+    church_id: uuid.UUID,
+    period_start: datetime,
+    segments: int,
+    reference: str,
+) -> None:
+    await session.execute(
+        insert(LedgerEntry)
+        .values(
+            church_id=church_id,
+            period_start=period_start,
+            kind="grant",
+            segments=segments,
+            reference=reference,
+        )
+        .on_conflict_do_nothing()
+    )
+
+
+async def usage(session: AsyncSession, settings: Settings, church_id: uuid.UUID) -> Usage:
+    subscription = await ensure_subscription(session, settings, church_id)
+    rows = await session.execute(
+        select(LedgerEntry.kind, func.coalesce(func.sum(LedgerEntry.segments), 0))
+        .where(
+            LedgerEntry.church_id == church_id,
+            LedgerEntry.period_start == subscription.period_start,
+        )
+        .group_by(LedgerEntry.kind)
+    )
+    totals = {kind: int(total) for kind, total in rows}
+    included = totals.get("grant", 0)
+    remaining = included + totals.get("debit", 0) + totals.get("credit", 0)
+    return Usage(
+        included - remaining,
+        included,
+        remaining,
+        subscription.period_start,
+        subscription.period_end,
+    )
+
+
+def check_can_send(subscription: Subscription, now: datetime | None = None) -> None:
+    now = now or datetime.now(UTC)
+    if subscription.status not in SENDING_STATUSES:
+        raise SubscriptionInactiveError(
+            f"Sending is paused: the subscription is {subscription.status}. "
+            "Update the payment method in the billing portal; reading still works."
+        )
+    if subscription.status == "trialing" and subscription.period_end <= now:
+        raise SubscriptionInactiveError(
+            "The trial has ended; choose a plan to keep sending. Reading still works."
+        )
+
+
+async def debit_in(
+    session: AsyncSession,
+    settings: Settings,
+    church_id: uuid.UUID,
+    segments: int,
+    reference: str,
+) -> int:
+    """Check and debit inside the caller's SERIALIZABLE transaction; answers the balance left."""
+    subscription = await ensure_subscription(session, settings, church_id)
+    check_can_send(subscription)
+    balance = (await usage(session, settings, church_id)).remaining
+    if segments > balance:
+        raise QuotaExceededError(
+            f"This needs {segments} segments and {balance} remain in this period"
+        )
+    await session.execute(
+        insert(LedgerEntry)
+        .values(
+            church_id=church_id,
+            period_start=subscription.period_start,
+            kind="debit",
+            segments=-segments,
+            reference=reference,
+        )
+        .on_conflict_do_nothing()
+    )
+    return balance - segments
+
+
+async def debit(
+    database: Database, settings: Settings, church_id: uuid.UUID, segments: int, reference: str
+) -> tuple[int, int]:
+    """Debit in its own SERIALIZABLE transaction: (balance left, serialization retries)."""
+
+    async def work(session: AsyncSession) -> int:
+        return await debit_in(session, settings, church_id, segments, reference)
+
+    outcome = await in_transaction(
+        database, "SERIALIZABLE", work, operation="segment_debit", attempts=30
+    )
+    return outcome.value, outcome.retries
+
+
+async def credit(
+    session: AsyncSession, church_id: uuid.UUID, segments: int, reference: str
+) -> None:
+    """Give back a debit (a broadcast cancelled before sending), once per reference."""
+    debited = await session.scalar(
+        select(LedgerEntry).where(
+            LedgerEntry.church_id == church_id,
+            LedgerEntry.kind == "debit",
+            LedgerEntry.reference == reference,
+        )
+    )
+    if debited is None:
+        return
+    await session.execute(
+        insert(LedgerEntry)
+        .values(
+            church_id=church_id,
+            period_start=debited.period_start,
+            kind="credit",
+            segments=min(segments, -debited.segments),
+            reference=reference,
+        )
+        .on_conflict_do_nothing()
+    )
+
+
+async def sync_church(session: AsyncSession, subscription: Subscription) -> None:
+    """Mirror plan and status on the church row (what `/auth/me` shows)."""
+    church = await session.get(Church, subscription.church_id)
+    if church is not None:
+        church.plan = subscription.plan
+        church.subscription_status = subscription.status
+        church.stripe_customer_id = subscription.stripe_customer_id

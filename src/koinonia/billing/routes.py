@@ -1,0 +1,135 @@
+"""`/billing/*` and `POST /webhooks/stripe`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from koinonia.accounts.deps import CurrentPrincipal, Owner
+from koinonia.accounts.tables import Church, User
+from koinonia.billing import ledger, webhooks
+from koinonia.billing.gateway import StripeGateway
+from koinonia.billing.plans import plan_by_id, plans
+from koinonia.billing.schemas import (
+    CheckoutRequest,
+    PlanOut,
+    RedirectOut,
+    SubscriptionOut,
+    UsageOut,
+    WebhookAck,
+)
+from koinonia.errors import FieldError, ValidationError, problem_responses
+from koinonia.http.deps import AppSettings, DbSession, get_database
+
+router = APIRouter(prefix="/api/v1/billing", tags=["billing"])
+hooks = APIRouter(prefix="/api/v1/webhooks", tags=["webhooks"])
+routers = [router, hooks]
+READ = problem_responses(401, 429)
+OWNER = problem_responses(401, 403, 422, 429, 502, 503)
+
+
+@router.get("/plans", responses=READ)
+async def list_plans(_: CurrentPrincipal, settings: AppSettings) -> list[PlanOut]:
+    return [PlanOut.model_validate(p) for p in plans(settings)]
+
+
+@router.get("/subscription", responses=READ)
+async def get_subscription(
+    principal: CurrentPrincipal, session: DbSession, settings: AppSettings
+) -> SubscriptionOut:
+    subscription = await ledger.ensure_subscription(session, settings, principal.church_id)
+    try:
+        ledger.check_can_send(subscription)
+        can_send = True
+    except ledger.SubscriptionInactiveError:
+        can_send = False
+    return SubscriptionOut(
+        plan=subscription.plan,
+        status=subscription.status,
+        can_send=can_send,
+        period_start=subscription.period_start,
+        period_end=subscription.period_end,
+        cancel_at_period_end=subscription.cancel_at_period_end,
+        stripe_customer_id=subscription.stripe_customer_id,
+    )
+
+
+@router.get("/usage", responses=READ)
+async def get_usage(
+    principal: CurrentPrincipal, session: DbSession, settings: AppSettings
+) -> UsageOut:
+    """Segments used and left in the current period (trial or paid)."""
+    usage = await ledger.usage(session, settings, principal.church_id)
+    return UsageOut.model_validate(usage)
+
+
+def _gateway(request: Request) -> StripeGateway:
+    gateway: StripeGateway = request.app.state.stripe
+    return gateway
+
+
+@router.post("/checkout", responses=OWNER)
+async def checkout(
+    body: CheckoutRequest,
+    principal: Owner,
+    request: Request,
+    session: DbSession,
+    settings: AppSettings,
+) -> RedirectOut:
+    """A Stripe Checkout URL for the plan (owner only)."""
+    plan = plan_by_id(settings, body.plan)
+    if plan is None:
+        raise ValidationError(
+            "Unknown plan", errors=[FieldError("plan", f"one of {[p.id for p in plans(settings)]}")]
+        )
+    subscription = await ledger.ensure_subscription(session, settings, principal.church_id)
+    gateway = _gateway(request)
+    if subscription.stripe_customer_id is None:
+        church = await session.get(Church, principal.church_id)
+        user = await session.get(User, principal.user_id) if principal.user_id else None
+        subscription.stripe_customer_id = await gateway.create_customer(
+            principal.church_id, church.name if church else "", user.email if user else None
+        )
+        await ledger.sync_church(session, subscription)
+    base = str(settings.public_base_url).rstrip("/")
+    session_id, url = await gateway.create_checkout(
+        principal.church_id,
+        subscription.stripe_customer_id,
+        plan.price_id,
+        f"{base}/billing/done",
+        f"{base}/billing/cancelled",
+    )
+    return RedirectOut(url=url, id=session_id)
+
+
+@router.post("/portal", responses=OWNER)
+async def portal(
+    principal: Owner, request: Request, session: DbSession, settings: AppSettings
+) -> RedirectOut:
+    """A Stripe billing-portal URL (owner only; after a first checkout)."""
+    subscription = await ledger.ensure_subscription(session, settings, principal.church_id)
+    if subscription.stripe_customer_id is None:
+        raise ValidationError("There is no Stripe customer yet; start with a checkout")
+    url = await _gateway(request).create_portal(
+        subscription.stripe_customer_id, str(settings.public_base_url).rstrip("/") + "/billing"
+    )
+    return RedirectOut(url=url)
+
+
+@hooks.post("/stripe", responses=problem_responses(400))
+async def stripe_webhook(request: Request, settings: AppSettings) -> WebhookAck:
+    """Verified (`Stripe-Signature`), deduplicated by event id, applied idempotently."""
+    payload = await request.body()
+    secrets = [s.strip() for s in settings.stripe_webhook_secrets.get_secret_value().split(",")]
+    event = webhooks.verify(
+        payload,
+        request.headers.get("stripe-signature"),
+        secrets,
+        settings.stripe_webhook_tolerance_seconds,
+    )
+    # Stored and applied in one transaction: if applying fails nothing is recorded and
+    # Stripe's redelivery tries again; a redelivered event that was applied is a no-op.
+    async with get_database(request).unit_of_work() as session:
+        new = await webhooks.store(session, event)
+        if new and event["type"] in webhooks.HANDLED:
+            await webhooks.apply(session, settings, event)
+    return WebhookAck(received=True, duplicate=not new)

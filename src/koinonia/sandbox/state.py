@@ -1,0 +1,72 @@
+"""The sandbox's configuration, in-memory state and fault injection."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, Field
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    telnyx_api_key: str = "KEY_sandbox"
+    telnyx_private_key: str | None = None  # base64 Ed25519 seed; generated when None
+    telnyx_webhook_url: str | None = None
+    stripe_api_key: str = "sk_test_sandbox"
+    stripe_webhook_secret: str = "whsec_sandbox"  # noqa: S105 - the sandbox's own
+    stripe_webhook_url: str | None = None
+    public_base_url: str = "http://127.0.0.1:8010"
+    delivery_delay_ms: int = 20
+
+    @classmethod
+    def from_env(cls) -> SandboxConfig:
+        env = os.environ
+        return cls(
+            telnyx_api_key=env.get("SANDBOX_TELNYX_API_KEY", "KEY_sandbox"),
+            telnyx_private_key=env.get("SANDBOX_TELNYX_PRIVATE_KEY") or None,
+            telnyx_webhook_url=env.get("SANDBOX_TELNYX_WEBHOOK_URL") or None,
+            stripe_api_key=env.get("SANDBOX_STRIPE_API_KEY", "sk_test_sandbox"),
+            stripe_webhook_secret=env.get("SANDBOX_STRIPE_WEBHOOK_SECRET", "whsec_sandbox"),
+            stripe_webhook_url=env.get("SANDBOX_STRIPE_WEBHOOK_URL") or None,
+            public_base_url=env.get("SANDBOX_PUBLIC_BASE_URL", "http://127.0.0.1:8010"),
+        )
+
+
+class Faults(BaseModel):
+    """`POST /sandbox/faults`: what goes wrong, and how often."""
+
+    error_rate: float = Field(0.0, ge=0, le=1)
+    status: int = Field(500, ge=400, le=599)
+    latency_ms: int = Field(0, ge=0, le=60_000)
+    timeout_rate: float = Field(0.0, ge=0, le=1)
+    delivery_failure_rate: float = Field(0.0, ge=0, le=1)
+
+
+@dataclass
+class SandboxState:
+    config: SandboxConfig
+    faults: Faults = field(default_factory=Faults)
+    rng: random.Random = field(default_factory=random.Random)
+    http: httpx.AsyncClient | None = None
+    stripe_objects: dict[str, dict[str, Any]] = field(default_factory=dict)
+    idempotency: dict[str, tuple[str, int, dict[str, Any]]] = field(default_factory=dict)
+    stripe_events: list[dict[str, Any]] = field(default_factory=list)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def roll(self, rate: float) -> bool:
+        return rate > 0 and self.rng.random() < rate
+
+    def spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
