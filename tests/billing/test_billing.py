@@ -290,3 +290,26 @@ async def test_stripe_outage_retries_then_opens_the_breaker(
         async with httpx.AsyncClient(base_url=sandbox.url) as http:
             await http.delete("/sandbox/faults")
         await redis.delete("cb:stripe", "cb:stripe:failures", "cb:stripe:probe")
+
+
+async def test_invoice_paid_recovers_a_past_due_subscription(
+    client: httpx.AsyncClient, owner: Account, sandbox: LiveServer
+) -> None:
+    church = owner.church_id
+    sub_id = f"sub_{uuid.uuid4().hex[:10]}"
+    await _emit(sandbox, "customer.subscription.created", _sub_event(church, "active", sub=sub_id))
+    invoice = {
+        "id": "in_2",
+        "customer": f"cus_{church[:8]}",
+        "metadata": {"church_id": church},
+        "parent": {"subscription_details": {"subscription": sub_id}},
+    }
+    await _emit(sandbox, "invoice.payment_failed", invoice)
+    assert (await _subscription(client, owner))["status"] == "past_due"
+    await _emit(sandbox, "invoice.paid", invoice)
+    subscription = await _subscription(client, owner)
+    assert subscription["status"] == "active" and subscription["can_send"] is True
+    # An invoice of another subscription does not touch this one.
+    other = invoice | {"parent": {"subscription_details": {"subscription": "sub_other"}}}
+    await _emit(sandbox, "invoice.payment_failed", other)
+    assert (await _subscription(client, owner))["status"] == "active"
