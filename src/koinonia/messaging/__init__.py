@@ -1,0 +1,1 @@
+"""Messaging: broadcasts, sending through Telnyx, receipts, inbound SMS and compliance."""

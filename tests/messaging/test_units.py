@@ -1,0 +1,82 @@
+"""Segment counting and keyword classification."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from koinonia.messaging.keywords import classify
+from koinonia.messaging.segments import count, gsm_friendly
+
+
+@pytest.mark.parametrize(
+    ("text", "encoding", "segments"),
+    [
+        ("", "GSM-7", 0),
+        ("a" * 160, "GSM-7", 1),
+        ("a" * 161, "GSM-7", 2),
+        ("a" * 306, "GSM-7", 2),
+        ("a" * 307, "GSM-7", 3),
+        ("€" * 80, "GSM-7", 1),
+        ("€" * 81, "GSM-7", 2),
+        ("é" * 71, "GSM-7", 1),
+        ("é" * 70 + "ł", "UCS-2", 2),
+        ("Praise 🙏", "UCS-2", 1),
+        ("ł" * 70, "UCS-2", 1),
+        ("ł" * 71, "UCS-2", 2),
+        ("ł" * 134, "UCS-2", 2),
+        ("ł" * 135, "UCS-2", 3),
+        ("It’s Sunday", "UCS-2", 1),
+    ],
+)
+def test_examples(text: str, encoding: str, segments: int) -> None:
+    result = count(text)
+    assert (result.encoding, result.segments) == (encoding, segments)
+
+
+def test_units_and_pairs_never_straddle() -> None:
+    assert count("Praise 🙏").units == 9
+    # 152 septets then a two-septet '€': the escape pair moves to the next segment.
+    assert count("a" * 152 + "€" + "a" * 10).segments == 2
+    assert count("a" * 152 + "€" + "a" * 153).segments == 3
+    # 66 units then an emoji (two units) does not fit in the first 67.
+    assert count("ł" * 66 + "🙏" + "ł" * 65).segments == 2
+    assert count("ł" * 66 + "🙏" + "ł" * 66).segments == 3
+
+
+def test_gsm_friendly() -> None:
+    assert gsm_friendly("It’s “great” – really…") == 'It\'s "great" - really...'
+    assert count(gsm_friendly("It’s")).encoding == "GSM-7"
+
+
+@given(st.text(max_size=500))
+def test_segments_bound_units(text: str) -> None:
+    result = count(text)
+    per = 153 if result.encoding == "GSM-7" else 67
+    if result.segments > 1:
+        assert (result.segments - 1) * per < result.units + result.segments
+    assert result.units >= len(text) or result.encoding == "UCS-2"
+
+
+@pytest.mark.parametrize(
+    ("text", "keyword"),
+    [
+        ("STOP", "opt_out"),
+        (" stop ", "opt_out"),
+        ("Stop all", "opt_out"),
+        ("unsubscribe", "opt_out"),
+        ("QUIT", "opt_out"),
+        ("opt  out", "opt_out"),
+        ("start", "opt_in"),
+        ("Yes", "opt_in"),
+        ("UNSTOP", "opt_in"),
+        ("help", "help"),
+        ("INFO", "help"),
+        ("please stop texting me", None),
+        ("stopping by later", None),
+        ("", None),
+    ],
+)
+def test_keywords(text: str, keyword: str | None) -> None:
+    assert classify(text) == keyword
