@@ -10,7 +10,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from koinonia.sandbox import stripe_api
+from koinonia.sandbox import stripe_api, telnyx_api
 from koinonia.sandbox.signing import load_telnyx_key, public_key_b64
 from koinonia.sandbox.state import Faults, SandboxConfig, SandboxState
 
@@ -56,6 +56,7 @@ def create_sandbox_app(
     app.state.telnyx_key = load_telnyx_key(config.telnyx_private_key)
     app.include_router(control)
     app.include_router(stripe_api.router)
+    app.include_router(telnyx_api.router)
     return app
 
 

@@ -57,6 +57,7 @@ class SandboxState:
     stripe_objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     idempotency: dict[str, tuple[str, int, dict[str, Any]]] = field(default_factory=dict)
     stripe_events: list[dict[str, Any]] = field(default_factory=list)
+    telnyx_messages: list[dict[str, Any]] = field(default_factory=list)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def roll(self, rate: float) -> bool:

@@ -1,0 +1,230 @@
+"""Telnyx Messaging v2 as Koinonia uses it: sends, message lookup, signed receipts and
+inbound messages, with Telnyx's error shape and fault injection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from koinonia.messaging.segments import count
+from koinonia.sandbox.faults import inject, maybe_hang
+from koinonia.sandbox.signing import telnyx_headers
+from koinonia.sandbox.state import SandboxState
+
+router = APIRouter()
+_E164 = re.compile(r"^\+[1-9]\d{7,14}$")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def telnyx_error(
+    status: int, code: str, title: str, detail: str, pointer: str | None = None
+) -> JSONResponse:
+    error: dict[str, Any] = {"code": code, "title": title, "detail": detail}
+    if pointer:
+        error["source"] = {"pointer": pointer}
+    headers = {"Retry-After": "1"} if status == 429 else None
+    return JSONResponse({"errors": [error]}, status_code=status, headers=headers)
+
+
+def _state(request: Request) -> SandboxState:
+    state: SandboxState = request.app.state.sandbox
+    return state
+
+
+def _authorised(request: Request, state: SandboxState) -> bool:
+    return request.headers.get("authorization", "") == f"Bearer {state.config.telnyx_api_key}"
+
+
+async def deliver(
+    request: Request, url: str | None, event_type: str, payload: dict[str, Any]
+) -> int | None:
+    """POST one signed event to `url`; answers the status (None when not delivered)."""
+    state = _state(request)
+    if not url or state.http is None:
+        return None
+    body = json.dumps(
+        {
+            "data": {
+                "event_type": event_type,
+                "id": str(uuid.uuid4()),
+                "occurred_at": _now(),
+                "record_type": "event",
+                "payload": payload,
+            },
+            "meta": {"attempt": 1, "delivered_to": url},
+        }
+    ).encode()
+    headers = telnyx_headers(request.app.state.telnyx_key, body, int(time.time()))
+    headers["Content-Type"] = "application/json"
+    for attempt in range(3):
+        try:
+            response = await state.http.post(url, content=body, headers=headers)
+            if response.status_code < 500:
+                return response.status_code
+        except httpx.HTTPError:  # the receiver is down: try again shortly
+            pass
+        await asyncio.sleep(0.2 * (attempt + 1))
+    return None
+
+
+async def _receipts(request: Request, message: dict[str, Any], url: str | None) -> None:
+    state = _state(request)
+    delay = state.config.delivery_delay_ms / 1000
+    await asyncio.sleep(delay)
+    sent = json.loads(json.dumps(message))
+    sent["to"][0]["status"] = "sent"
+    sent["sent_at"] = _now()
+    await deliver(request, url, "message.sent", sent)
+    await asyncio.sleep(delay)
+    final = json.loads(json.dumps(sent))
+    if state.roll(state.faults.delivery_failure_rate):
+        final["to"][0]["status"] = "delivery_failed"
+        final["errors"] = [
+            {
+                "code": "40008",
+                "title": "Undeliverable",
+                "detail": "The message could not be delivered",
+            }
+        ]
+    else:
+        final["to"][0]["status"] = "delivered"
+    final["completed_at"] = _now()
+    final["cost"] = {"amount": f"{0.004 * final['parts']:.4f}", "currency": "USD"}
+    message["to"][0]["status"] = final["to"][0]["status"]
+    await deliver(request, url, "message.finalized", final)
+
+
+@router.post("/v2/messages")
+async def send_message(request: Request) -> JSONResponse:
+    state = _state(request)
+    if not _authorised(request, state):
+        return telnyx_error(
+            401, "10009", "Authentication failed", "The API key is missing or wrong"
+        )
+    fault = await inject(state)
+    if fault is not None:
+        if fault == 429:
+            return telnyx_error(429, "10011", "Too many requests", "Rate limited")
+        return telnyx_error(fault, "10007", "Unexpected error", "Sandbox fault")
+    try:
+        body = await request.json()
+        sender, to, text = str(body["from"]), str(body["to"]), str(body["text"])
+    except (ValueError, KeyError, TypeError):
+        return telnyx_error(422, "10015", "Invalid request", "from, to and text are required")
+    for field, value in (("from", sender), ("to", to)):
+        if not _E164.match(value):
+            return telnyx_error(
+                422,
+                "10016",
+                "Phone number must be in +E.164 format",
+                f"'{field}' is not E.164",
+                f"/{field}",
+            )
+    if to.endswith("0000"):
+        return telnyx_error(
+            400, "40300", "Blocked due to STOP message", "The recipient opted out", "/to"
+        )
+    if to.endswith("0001"):
+        return telnyx_error(400, "40001", "Not routable", "A landline", "/to")
+    segments = count(text)
+    message: dict[str, Any] = {
+        "record_type": "message",
+        "direction": "outbound",
+        "id": str(uuid.uuid4()),
+        "type": "SMS",
+        "messaging_profile_id": body.get("messaging_profile_id"),
+        "from": {"phone_number": sender, "carrier": "Sandbox", "line_type": "Wireless"},
+        "to": [
+            {"phone_number": to, "status": "queued", "carrier": "Sandbox", "line_type": "Wireless"}
+        ],
+        "text": text,
+        "parts": segments.segments,
+        "encoding": segments.encoding,
+        "cost": None,
+        "received_at": _now(),
+        "sent_at": None,
+        "completed_at": None,
+        "valid_until": None,
+        "webhook_url": body.get("webhook_url"),
+        "errors": [],
+    }
+    state.telnyx_messages.append(message)
+    url = body.get("webhook_url") or state.config.telnyx_webhook_url
+    state.spawn(_receipts(request, message, url))
+    await maybe_hang(state)  # accepted, but the answer may never come: ambiguous
+    return JSONResponse({"data": message})
+
+
+@router.get("/v2/messages/{message_id}")
+async def get_message(message_id: str, request: Request) -> JSONResponse:
+    state = _state(request)
+    if not _authorised(request, state):
+        return telnyx_error(401, "10009", "Authentication failed", "Wrong API key")
+    for message in state.telnyx_messages:
+        if message["id"] == message_id:
+            return JSONResponse({"data": message})
+    return telnyx_error(404, "10005", "Resource not found", "No such message")
+
+
+@router.get("/v2/balance")
+async def balance(request: Request) -> JSONResponse:
+    state = _state(request)
+    if not _authorised(request, state):
+        return telnyx_error(401, "10009", "Authentication failed", "Wrong API key")
+    return JSONResponse(
+        {"data": {"record_type": "balance", "balance": "100.00", "currency": "USD"}}
+    )
+
+
+@router.post("/sandbox/inbound", tags=["sandbox"])
+async def inbound(request: Request) -> JSONResponse:
+    """A phone texts a church number: a signed `message.received` goes to the app."""
+    try:
+        body = await request.json()
+        sender, to, text = str(body["from"]), str(body["to"]), str(body["text"])
+    except (ValueError, KeyError, TypeError):
+        return JSONResponse({"detail": "send {from, to, text}"}, status_code=422)
+    payload = {
+        "record_type": "message",
+        "direction": "inbound",
+        "id": str(uuid.uuid4()),
+        "type": "SMS",
+        "from": {"phone_number": sender, "carrier": "Sandbox", "line_type": "Wireless"},
+        "to": [{"phone_number": to, "status": "webhook_delivered"}],
+        "text": text,
+        "media": [],
+        "received_at": _now(),
+        "parts": count(text).segments,
+        "encoding": count(text).encoding,
+        "errors": [],
+    }
+    status = await deliver(
+        request, _state(request).config.telnyx_webhook_url, "message.received", payload
+    )
+    return JSONResponse({"id": payload["id"], "delivered_status": status}, status_code=202)
+
+
+@router.get("/sandbox/messages", tags=["sandbox"])
+async def accepted_messages(request: Request, to: str | None = None) -> JSONResponse:
+    """Every SMS accepted, in order, so a test can count what a phone really received."""
+    messages = _state(request).telnyx_messages
+    return JSONResponse(
+        {"data": [m for m in messages if to is None or m["to"][0]["phone_number"] == to]}
+    )
+
+
+@router.delete("/sandbox/messages", status_code=204, tags=["sandbox"])
+async def clear_messages(request: Request) -> None:
+    _state(request).telnyx_messages.clear()
