@@ -6,6 +6,7 @@ Services are never faked: if PostgreSQL or Redis does not answer, the fixtures f
 
 from __future__ import annotations
 
+import base64
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -89,12 +90,32 @@ def sandbox_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def settings(database_name: str, sandbox_port: int) -> Settings:
+def api_port() -> int:
+    from tests.support.servers import free_port
+
+    return free_port()
+
+
+# The sandbox signs Telnyx webhooks with this key; the app trusts its public half.
+TELNYX_TEST_SEED = base64.b64encode(bytes(range(32))).decode()
+
+
+def telnyx_test_public_key() -> str:
+    from koinonia.sandbox.signing import load_telnyx_key, public_key_b64
+
+    return public_key_b64(load_telnyx_key(TELNYX_TEST_SEED))
+
+
+@pytest.fixture(scope="session")
+def settings(database_name: str, sandbox_port: int, api_port: int) -> Settings:
     sandbox_url = f"http://127.0.0.1:{sandbox_port}"
     return make_settings(
         database_url=app_database_url(database_name),
         stripe_base_url=sandbox_url,
         telnyx_base_url=sandbox_url,
+        telnyx_public_key=telnyx_test_public_key(),
+        public_base_url=f"http://127.0.0.1:{api_port}",
+        sends_per_second_per_number=2000,
     )
 
 
@@ -121,9 +142,10 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture(scope="session")
-def live_server(settings: Settings) -> Iterator[LiveServer]:
-    """The API over real HTTP on a loopback port (its own app instance and lifespan)."""
-    with LiveServer(lambda: create_app(settings)) as server:
+def live_server(settings: Settings, api_port: int) -> Iterator[LiveServer]:
+    """The API over real HTTP on a loopback port (its own app instance and lifespan);
+    `settings.public_base_url` points here, so Telnyx receipts reach it."""
+    with LiveServer(lambda: create_app(settings), port=api_port) as server:
         yield server
 
 
@@ -136,6 +158,7 @@ def sandbox(live_server: LiveServer, sandbox_port: int) -> Iterator[LiveServer]:
     config = SandboxConfig(
         stripe_webhook_url=f"{live_server.url}/api/v1/webhooks/stripe",
         telnyx_webhook_url=f"{live_server.url}/api/v1/webhooks/telnyx",
+        telnyx_private_key=TELNYX_TEST_SEED,
         public_base_url=f"http://127.0.0.1:{sandbox_port}",
     )
     with LiveServer(lambda: create_sandbox_app(config), port=sandbox_port) as server:

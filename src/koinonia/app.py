@@ -21,7 +21,9 @@ from koinonia import __doc__ as package_doc
 from koinonia.accounts import routes as accounts_routes
 from koinonia.billing import routes as billing_routes
 from koinonia.cache import Cache
+from koinonia.conversations import routes as conversations_routes
 from koinonia.db import Database
+from koinonia.deadletters import routes as deadletters_routes
 from koinonia.errors import install_error_handlers
 from koinonia.groups import routes as groups_routes
 from koinonia.health import routes as health_routes
@@ -35,12 +37,14 @@ from koinonia.http.schemas import Problem
 from koinonia.jobs import build_job_app
 from koinonia.logging import configure_logging
 from koinonia.members import routes as members_routes
+from koinonia.messaging import routes as messaging_routes
 from koinonia.observability import metrics_endpoint
 from koinonia.operations import routes as operations_routes
 from koinonia.ratelimit import RateLimiter
 from koinonia.redis import create_redis
 from koinonia.replicas import ReplicaRouter
 from koinonia.settings import Settings, get_settings
+from koinonia.telnyx import routes as telnyx_routes
 from koinonia.templates import routes as templates_routes
 from koinonia.tracing import build_tracer_provider, fastapi_telemetry, instrument_clients
 
@@ -62,14 +66,18 @@ def feature_routers() -> list[APIRouter]:
         groups_routes.router,
         templates_routes.router,
         *billing_routes.routers,
+        messaging_routes.router,
+        conversations_routes.router,
+        telnyx_routes.router,
         operations_routes.router,
+        deadletters_routes.router,
     ]
 
 
 # Features that own process-wide resources (HTTP clients, health checks) list a module
 # exposing `lifespan(app) -> AsyncContextManager[None]` here; each runs after the core
 # resources exist (app.state.database, .redis, .health_checks) and may append to them.
-FEATURE_LIFESPANS: list[str] = ["koinonia.billing.gateway"]
+FEATURE_LIFESPANS: list[str] = ["koinonia.billing.gateway", "koinonia.telnyx.gateway"]
 
 
 @asynccontextmanager

@@ -136,6 +136,10 @@ class CircuitBreaker:
             )
         return BreakerStatus(self.provider, state, int(retry_ms) / 1000)
 
+    async def allow(self) -> BreakerStatus:
+        """May a call go out now? `half_open` means: one probe, by this caller."""
+        return await self._run("allow")
+
     async def before_call(self) -> None:
         """Raise `CircuitOpenError` when the call must not go out now."""
         status = await self._run("allow")

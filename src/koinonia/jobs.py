@@ -13,19 +13,26 @@ import importlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from procrastinate import App, Blueprint, PsycopgConnector
+from procrastinate import tasks as procrastinate_tasks
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from koinonia.db import Database
 from koinonia.redis import create_redis
 from koinonia.settings import Settings
+from koinonia.telnyx.client import TelnyxClient
 
 # Modules that expose `blueprint: procrastinate.Blueprint`; features append themselves here.
 BLUEPRINT_MODULES: list[str] = [
     "koinonia.members.jobs",
+    "koinonia.messaging.jobs",
+    "koinonia.conversations.jobs",
+    "koinonia.numbers.jobs",
+    "koinonia.deadletters.jobs",
 ]
 
 
@@ -37,6 +44,7 @@ class JobResources:
     database: Database
     redis: Redis
     job_app: App
+    telnyx: TelnyxClient
 
 
 _resources: JobResources | None = None
@@ -53,11 +61,13 @@ async def open_resources(settings: Settings, job_app: App) -> AsyncIterator[JobR
     global _resources
     database = Database(settings)
     redis = create_redis(settings)
-    _resources = JobResources(settings, database, redis, job_app)
+    telnyx = TelnyxClient(settings)
+    _resources = JobResources(settings, database, redis, job_app, telnyx)
     try:
         yield _resources
     finally:
         _resources = None
+        await telnyx.aclose()
         await redis.aclose()
         await database.dispose()
 
@@ -88,7 +98,14 @@ def build_job_app(settings: Settings, *, pool_max: int = 4) -> App:
         # Same reason as the SQLAlchemy engines: PgBouncer in transaction mode.
         kwargs={"prepare_threshold": None},
     )
-    return _task_registry().with_connector(connector)
+    app = _task_registry().with_connector(connector)
+    # Tasks link back to the App they were registered on (the never-opened registry);
+    # the periodic deferrer and `task.defer` go through that link, so point it at the
+    # App this process opens (one per process; deferrals made inside a transaction
+    # pass their own connection and do not depend on it).
+    for task in app.tasks.values():
+        task.blueprint = app
+    return app
 
 
 async def raw_connection(session: AsyncSession) -> Any:
@@ -107,6 +124,7 @@ async def defer_in_transaction(
     priority: int = 0,
     lock: str | None = None,
     queueing_lock: str | None = None,
+    schedule_at: datetime | None = None,
     **task_kwargs: Any,
 ) -> int:
     """Defer a job inside the session's transaction; it exists only if that commits."""
@@ -117,5 +135,37 @@ async def defer_in_transaction(
         options["lock"] = lock
     if queueing_lock is not None:
         options["queueing_lock"] = queueing_lock
+    if schedule_at is not None:
+        options["schedule_at"] = schedule_at
     job_id: int = await app.configure_task(task_name, **options).defer_async(**task_kwargs)
+    return job_id
+
+
+async def defer(
+    app: App,
+    task_name: str,
+    *,
+    queue: str | None = None,
+    priority: int = 0,
+    lock: str | None = None,
+    schedule_in_seconds: float | None = None,
+    **task_kwargs: Any,
+) -> int:
+    """Defer a job on `app`'s own connection (outside any transaction).
+
+    Tasks are registered on the process-wide registry App, whose connector is never
+    opened; `app.configure_task` would defer through it, so the deferrer is built on
+    `app`'s job manager instead.
+    """
+    options: dict[str, Any] = {"priority": priority}
+    if queue is not None:
+        options["queue"] = queue
+    if lock is not None:
+        options["lock"] = lock
+    if schedule_in_seconds is not None and schedule_in_seconds > 0:
+        options["schedule_in"] = {"seconds": round(schedule_in_seconds, 3)}
+    deferrer = procrastinate_tasks.configure_task(
+        name=task_name, job_manager=app.job_manager, **options
+    )
+    job_id: int = await deferrer.defer_async(**task_kwargs)
     return job_id

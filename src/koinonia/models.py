@@ -14,6 +14,8 @@ TABLE_MODULES: list[str] = [
     "koinonia.groups.tables",
     "koinonia.templates.tables",
     "koinonia.billing.tables",
+    "koinonia.messaging.tables",
+    "koinonia.conversations.tables",
 ]
 
 

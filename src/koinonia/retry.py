@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Generic, TypeVar
 
 import structlog
@@ -46,6 +47,13 @@ def is_transient_db_error(error: BaseException) -> bool:
 def provider_wait(max_seconds: float = 32) -> wait_random_exponential:
     """Full jitter: a random wait in [0, min(max, 1 s × 2^attempt)]."""
     return wait_random_exponential(multiplier=1, max=max_seconds)
+
+
+def backoff_seconds(attempt: int, max_seconds: float = 32) -> float:
+    """The wait before retry number `attempt` (1-based) under `provider_wait`, for work
+    that is retried later by re-queueing rather than by sleeping in place."""
+    state = SimpleNamespace(attempt_number=attempt)
+    return float(provider_wait(max_seconds)(state))  # type: ignore[arg-type]
 
 
 def _count(operation: str) -> Callable[[RetryCallState], None]:

@@ -135,6 +135,22 @@ class Settings(BaseSettings):
     telnyx_messaging_profile_id: str | None = None
     sends_per_second_per_number: float = Field(50.0, gt=0)
     send_concurrency: int = Field(64, ge=1, le=1024)
+    telnyx_max_retries: int = Field(3, ge=0, le=10)
+    # Recipients per dispatch job (DESIGN: at most 1,000).
+    dispatch_batch_size: int = Field(1000, ge=1, le=1000)
+    # A dispatch job gives its worker slot back after this long and continues later, so
+    # one church's big broadcast cannot hold a slot that another church's needs.
+    send_time_slice_seconds: float = Field(2.0, gt=0)
+    # How often an idle worker slot looks for jobs besides NOTIFY wake-ups. A slice's
+    # continuation is deferred while the slice still holds its church's lock, so the
+    # NOTIFY finds it locked; it starts at the next poll (procrastinate's default is 5 s).
+    worker_poll_seconds: float = Field(0.25, gt=0, le=30)
+    # An ambiguous send (timeout or 5xx after the request left) is settled by its receipt;
+    # with no receipt after this long it was not accepted and is sent again.
+    send_reconcile_after_seconds: float = Field(300.0, gt=0)
+    # A recipient claimed by a worker that stopped answering (killed) is ambiguous after this.
+    send_lease_seconds: float = Field(120.0, gt=0)
+    webhook_apply_batch_size: int = Field(500, ge=1, le=5000)
 
     # --- Stripe ---------------------------------------------------------------------
     stripe_base_url: AnyHttpUrl = AnyHttpUrl("http://127.0.0.1:8010")
@@ -243,6 +259,14 @@ class Settings(BaseSettings):
         if rate is not None and value < rate:
             raise ValueError("must be >= RATE_LIMIT_PER_MINUTE")
         return value
+
+    @model_validator(mode="after")
+    def _lease_outlives_a_send(self) -> Settings:
+        # A row is presumed abandoned only after its lease; a live worker's send can take
+        # up to the Telnyx timeout, so a shorter lease would resend what is in flight.
+        if self.send_lease_seconds <= self.telnyx_timeout:
+            raise ValueError("SEND_LEASE_SECONDS must be longer than TELNYX_TIMEOUT")
+        return self
 
     @model_validator(mode="after")
     def _production_rules(self) -> Settings:

@@ -34,6 +34,8 @@ from koinonia.errors import AuthenticationError, RateLimitedError, problem_respo
 from koinonia.http.deps import AppSettings, DbSession, get_database
 from koinonia.http.pagination import Page, PageParams, cursor_uuid, make_page, page_params
 from koinonia.http.ratelimits import limit_per_ip
+from koinonia.jobs import defer_in_transaction
+from koinonia.numbers.jobs import NUMBERS_QUEUE, PROVISION_TASK, queueing_lock
 
 auth = APIRouter(prefix="/api/v1/auth", tags=["auth"])
 church = APIRouter(prefix="/api/v1/church", tags=["auth"])
@@ -61,9 +63,22 @@ def _lockout(request: Request) -> LoginLockout:
     dependencies=[Depends(limit_per_ip("register"))],
     responses=problem_responses(409, 422, 429),
 )
-async def register(body: RegisterRequest, session: DbSession, settings: AppSettings) -> RegisterOut:
-    """Create a church and its owner; answers the owner's first token pair."""
+async def register(
+    body: RegisterRequest, request: Request, session: DbSession, settings: AppSettings
+) -> RegisterOut:
+    """Create a church and its owner; answers the owner's first token pair.
+
+    The church's sending number is provisioned by a job (deferred in this transaction),
+    so registration never waits on Telnyx; `GET /auth/me` shows it once assigned."""
     church_row, user = await service.register(session, body)
+    await defer_in_transaction(
+        request.app.state.job_app,
+        session,
+        PROVISION_TASK,
+        queue=NUMBERS_QUEUE,
+        queueing_lock=queueing_lock(church_row.id),
+        church_id=str(church_row.id),
+    )
     pair = await service.token_pair(session, settings, user)
     return RegisterOut(
         **pair.model_dump(),

@@ -183,6 +183,48 @@ async def credit(
     )
 
 
+async def refund(
+    session: AsyncSession,
+    church_id: uuid.UUID,
+    segments: int,
+    *,
+    debit_reference: str,
+    credit_reference: str,
+) -> None:
+    """Give back part of a debit under a reference of its own (a broadcast refunds what
+    it did not send, batch by batch); never more than was debited, in the debit's period."""
+    debited = await session.scalar(
+        select(LedgerEntry).where(
+            LedgerEntry.church_id == church_id,
+            LedgerEntry.kind == "debit",
+            LedgerEntry.reference == debit_reference,
+        )
+    )
+    if debited is None:
+        return
+    refunded = await session.scalar(
+        select(func.coalesce(func.sum(LedgerEntry.segments), 0)).where(
+            LedgerEntry.church_id == church_id,
+            LedgerEntry.kind == "credit",
+            LedgerEntry.reference.like(f"{debit_reference}:%"),
+        )
+    )
+    amount = min(segments, -debited.segments - int(refunded or 0))
+    if amount <= 0:
+        return
+    await session.execute(
+        insert(LedgerEntry)
+        .values(
+            church_id=church_id,
+            period_start=debited.period_start,
+            kind="credit",
+            segments=amount,
+            reference=credit_reference,
+        )
+        .on_conflict_do_nothing()
+    )
+
+
 async def sync_church(session: AsyncSession, subscription: Subscription) -> None:
     """Mirror plan and status on the church row (what `/auth/me` shows)."""
     church = await session.get(Church, subscription.church_id)

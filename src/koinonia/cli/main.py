@@ -8,7 +8,7 @@ import sys
 import typer
 import uvicorn
 
-from koinonia.cli import database, dev, members, seed
+from koinonia.cli import database, dev, members, partitions, seed
 from koinonia.cli.common import settings_or_exit
 from koinonia.settings import Settings, SettingsError, load_settings
 
@@ -22,6 +22,7 @@ app.command()(database.downgrade)
 app.command()(dev.dev)
 app.command("seed-demo")(seed.seed_demo)
 app.add_typer(members.app, name="members")
+app.add_typer(partitions.app, name="partitions")
 
 
 @app.command("check-env")

@@ -1,4 +1,4 @@
-"""`GET /api/v1/admin/slow-queries` and `GET /api/v1/admin/cache` (operators only)."""
+"""`GET /api/v1/admin/slow-queries`, `/cache` and `/circuit-breakers` (operators only)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from koinonia.accounts.deps import Operator
+from koinonia.breaker import CircuitBreaker
 from koinonia.cache import PREFIX
 from koinonia.errors import ServiceUnavailableError, problem_responses
 from koinonia.http.deps import AppSettings, DbSession, RedisClient
@@ -46,6 +47,19 @@ class CacheReport(BaseModel):
     caches: list[CacheStats]
     keys: int
     redis_used_memory_bytes: int | None
+
+
+class BreakerOut(BaseModel):
+    provider: str
+    state: str  # closed, half_open, open; unknown when Redis does not answer
+    retry_after: float  # seconds until an open circuit lets a probe through
+
+
+class BreakerReport(BaseModel):
+    data: list[BreakerOut]
+
+
+BREAKER_PROVIDERS = ("telnyx", "stripe")
 
 
 @router.get(
@@ -139,3 +153,23 @@ async def cache_stats(_: Operator, redis: RedisClient, request: Request) -> Cach
     except Exception:  # the report still shows the counters when Redis is down
         keys = 0
     return CacheReport(caches=caches, keys=keys, redis_used_memory_bytes=memory)
+
+
+@router.get(
+    "/circuit-breakers",
+    response_model=BreakerReport,
+    summary="The state of each provider's circuit breaker",
+    responses=problem_responses(401, 403),
+)
+async def circuit_breakers(_: Operator, redis: RedisClient) -> BreakerReport:
+    data = []
+    for provider in BREAKER_PROVIDERS:
+        status = await CircuitBreaker(redis, provider).status()
+        data.append(
+            BreakerOut(
+                provider=status.provider,
+                state=status.state,
+                retry_after=round(status.retry_after, 3),
+            )
+        )
+    return BreakerReport(data=data)

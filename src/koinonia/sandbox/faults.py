@@ -6,8 +6,6 @@ import asyncio
 
 from koinonia.sandbox.state import SandboxState
 
-TIMEOUT_SLEEP_SECONDS = 30.0
-
 
 async def inject(state: SandboxState) -> int | None:
     """Apply latency; answers an error status to return, or None to proceed."""
@@ -22,4 +20,4 @@ async def inject(state: SandboxState) -> int | None:
 async def maybe_hang(state: SandboxState) -> None:
     """A timeout fault: hold the answer longer than any sane client waits."""
     if state.roll(state.faults.timeout_rate):
-        await asyncio.sleep(TIMEOUT_SLEEP_SECONDS)
+        await asyncio.sleep(state.config.timeout_hold_seconds)

@@ -10,7 +10,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from koinonia.sandbox import stripe_api, telnyx_api
+from koinonia.sandbox import stripe_api, telnyx_api, telnyx_numbers
 from koinonia.sandbox.signing import load_telnyx_key, public_key_b64
 from koinonia.sandbox.state import Faults, SandboxConfig, SandboxState
 
@@ -45,7 +45,9 @@ def create_sandbox_app(
 ) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with httpx.AsyncClient(timeout=10, transport=transport) as client:
+        # Keep every delivery slot's connection alive between webhooks (see delivery_slots).
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+        async with httpx.AsyncClient(timeout=10, transport=transport, limits=limits) as client:
             app.state.sandbox.http = client
             yield
             for task in list(app.state.sandbox.tasks):
@@ -57,6 +59,7 @@ def create_sandbox_app(
     app.include_router(control)
     app.include_router(stripe_api.router)
     app.include_router(telnyx_api.router)
+    app.include_router(telnyx_numbers.router)
     return app
 
 

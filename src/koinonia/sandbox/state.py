@@ -16,13 +16,15 @@ from pydantic import BaseModel, Field
 @dataclass(frozen=True)
 class SandboxConfig:
     telnyx_api_key: str = "KEY_sandbox"
-    telnyx_private_key: str | None = None  # base64 Ed25519 seed; generated when None
+    telnyx_private_key: str | None = None  # Ed25519 PEM or base64 seed; generated if None
     telnyx_webhook_url: str | None = None
     stripe_api_key: str = "sk_test_sandbox"
     stripe_webhook_secret: str = "whsec_sandbox"  # noqa: S105 - the sandbox's own
     stripe_webhook_url: str | None = None
     public_base_url: str = "http://127.0.0.1:8010"
     delivery_delay_ms: int = 20
+    timeout_hold_seconds: float = 30.0  # how long a `timeout_rate` fault holds the answer
+    seed: int | None = None  # seeds fault decisions, for reproducible runs
 
     @classmethod
     def from_env(cls) -> SandboxConfig:
@@ -35,6 +37,8 @@ class SandboxConfig:
             stripe_webhook_secret=env.get("SANDBOX_STRIPE_WEBHOOK_SECRET", "whsec_sandbox"),
             stripe_webhook_url=env.get("SANDBOX_STRIPE_WEBHOOK_URL") or None,
             public_base_url=env.get("SANDBOX_PUBLIC_BASE_URL", "http://127.0.0.1:8010"),
+            delivery_delay_ms=int(env.get("SANDBOX_DELIVERY_DELAY_MS", "20")),
+            seed=int(env["SANDBOX_SEED"]) if env.get("SANDBOX_SEED") else None,
         )
 
 
@@ -58,7 +62,17 @@ class SandboxState:
     idempotency: dict[str, tuple[str, int, dict[str, Any]]] = field(default_factory=dict)
     stripe_events: list[dict[str, Any]] = field(default_factory=list)
     telnyx_messages: list[dict[str, Any]] = field(default_factory=list)
+    telnyx_profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    telnyx_numbers: dict[str, dict[str, Any]] = field(default_factory=dict)  # by E.164
+    telnyx_orders: dict[str, dict[str, Any]] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # Webhook POSTs in flight at once. Without a bound, a 10,000-text burst queues 20,000
+    # requests inside httpx's pool, whose request assignment is quadratic in that queue.
+    delivery_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(32))
+
+    def __post_init__(self) -> None:
+        if self.config.seed is not None:
+            self.rng.seed(self.config.seed)
 
     def roll(self, rate: float) -> bool:
         return rate > 0 and self.rng.random() < rate
@@ -67,6 +81,18 @@ class SandboxState:
         task = asyncio.get_running_loop().create_task(coroutine)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def telnyx_webhook_urls(self, number: str, profile_id: str | None) -> list[str]:
+        """Where Telnyx sends events for `number`: its (or the given) messaging profile's
+        webhook and failover URLs, else the sandbox's default URL."""
+        if profile_id is None:
+            profile_id = self.telnyx_numbers.get(number, {}).get("messaging_profile_id")
+        profile = self.telnyx_profiles.get(profile_id or "")
+        if profile and profile.get("webhook_url"):
+            return [
+                url for url in (profile["webhook_url"], profile.get("webhook_failover_url")) if url
+            ]
+        return [self.config.telnyx_webhook_url] if self.config.telnyx_webhook_url else []
 
 
 def new_id(prefix: str) -> str:

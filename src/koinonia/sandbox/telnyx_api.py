@@ -21,10 +21,10 @@ from koinonia.sandbox.signing import telnyx_headers
 from koinonia.sandbox.state import SandboxState
 
 router = APIRouter()
-_E164 = re.compile(r"^\+[1-9]\d{7,14}$")
+E164 = re.compile(r"^\+[1-9]\d{7,14}$")
 
 
-def _now() -> str:
+def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
@@ -48,45 +48,47 @@ def _authorised(request: Request, state: SandboxState) -> bool:
 
 
 async def deliver(
-    request: Request, url: str | None, event_type: str, payload: dict[str, Any]
+    request: Request, urls: list[str], event_type: str, payload: dict[str, Any]
 ) -> int | None:
-    """POST one signed event to `url`; answers the status (None when not delivered)."""
+    """POST one signed event, retrying then trying the failover URL, as Telnyx does;
+    answers the receiver's status (None when nothing answered below 500)."""
     state = _state(request)
-    if not url or state.http is None:
+    if state.http is None:
         return None
-    body = json.dumps(
-        {
-            "data": {
-                "event_type": event_type,
-                "id": str(uuid.uuid4()),
-                "occurred_at": _now(),
-                "record_type": "event",
-                "payload": payload,
-            },
-            "meta": {"attempt": 1, "delivered_to": url},
-        }
-    ).encode()
-    headers = telnyx_headers(request.app.state.telnyx_key, body, int(time.time()))
-    headers["Content-Type"] = "application/json"
-    for attempt in range(3):
-        try:
-            response = await state.http.post(url, content=body, headers=headers)
-            if response.status_code < 500:
-                return response.status_code
-        except httpx.HTTPError:  # the receiver is down: try again shortly
-            pass
-        await asyncio.sleep(0.2 * (attempt + 1))
+    event = {
+        "event_type": event_type,
+        "id": str(uuid.uuid4()),
+        "occurred_at": now(),
+        "record_type": "event",
+        "payload": payload,
+    }
+    attempt = 0
+    for url in urls:
+        for _ in range(3):
+            attempt += 1
+            meta = {"attempt": attempt, "delivered_to": url}
+            body = json.dumps({"data": event, "meta": meta}).encode()
+            headers = telnyx_headers(request.app.state.telnyx_key, body, int(time.time()))
+            headers["Content-Type"] = "application/json"
+            try:
+                async with state.delivery_slots:
+                    response = await state.http.post(url, content=body, headers=headers)
+                if response.status_code < 500:
+                    return response.status_code
+            except httpx.HTTPError:  # the receiver is down: try again shortly
+                pass
+            await asyncio.sleep(0.05 * attempt)
     return None
 
 
-async def _receipts(request: Request, message: dict[str, Any], url: str | None) -> None:
+async def _receipts(request: Request, message: dict[str, Any], urls: list[str]) -> None:
     state = _state(request)
     delay = state.config.delivery_delay_ms / 1000
     await asyncio.sleep(delay)
     sent = json.loads(json.dumps(message))
     sent["to"][0]["status"] = "sent"
-    sent["sent_at"] = _now()
-    await deliver(request, url, "message.sent", sent)
+    sent["sent_at"] = now()
+    await deliver(request, urls, "message.sent", sent)
     await asyncio.sleep(delay)
     final = json.loads(json.dumps(sent))
     if state.roll(state.faults.delivery_failure_rate):
@@ -100,10 +102,10 @@ async def _receipts(request: Request, message: dict[str, Any], url: str | None) 
         ]
     else:
         final["to"][0]["status"] = "delivered"
-    final["completed_at"] = _now()
+    final["completed_at"] = now()
     final["cost"] = {"amount": f"{0.004 * final['parts']:.4f}", "currency": "USD"}
     message["to"][0]["status"] = final["to"][0]["status"]
-    await deliver(request, url, "message.finalized", final)
+    await deliver(request, urls, "message.finalized", final)
 
 
 @router.post("/v2/messages")
@@ -124,7 +126,7 @@ async def send_message(request: Request) -> JSONResponse:
     except (ValueError, KeyError, TypeError):
         return telnyx_error(422, "10015", "Invalid request", "from, to and text are required")
     for field, value in (("from", sender), ("to", to)):
-        if not _E164.match(value):
+        if not E164.match(value):
             return telnyx_error(
                 422,
                 "10016",
@@ -153,7 +155,7 @@ async def send_message(request: Request) -> JSONResponse:
         "parts": segments.segments,
         "encoding": segments.encoding,
         "cost": None,
-        "received_at": _now(),
+        "received_at": now(),
         "sent_at": None,
         "completed_at": None,
         "valid_until": None,
@@ -161,10 +163,19 @@ async def send_message(request: Request) -> JSONResponse:
         "errors": [],
     }
     state.telnyx_messages.append(message)
-    url = body.get("webhook_url") or state.config.telnyx_webhook_url
-    state.spawn(_receipts(request, message, url))
+    state.spawn(_receipts(request, message, _receipt_urls(state, body, sender)))
     await maybe_hang(state)  # accepted, but the answer may never come: ambiguous
     return JSONResponse({"data": message})
+
+
+def _receipt_urls(state: SandboxState, body: dict[str, Any], sender: str) -> list[str]:
+    """The message's own URLs, else (unless `use_profile_webhooks` is false) the profile's."""
+    if body.get("webhook_url"):
+        urls = [body["webhook_url"], body.get("webhook_failover_url")]
+        return [str(url) for url in urls if url]
+    if body.get("use_profile_webhooks") is False:
+        return []
+    return state.telnyx_webhook_urls(sender, body.get("messaging_profile_id"))
 
 
 @router.get("/v2/messages/{message_id}")
@@ -183,6 +194,9 @@ async def balance(request: Request) -> JSONResponse:
     state = _state(request)
     if not _authorised(request, state):
         return telnyx_error(401, "10009", "Authentication failed", "Wrong API key")
+    fault = await inject(state)  # the health probe sees an outage too
+    if fault is not None:
+        return telnyx_error(fault, "10007", "Unexpected error", "Sandbox fault")
     return JSONResponse(
         {"data": {"record_type": "balance", "balance": "100.00", "currency": "USD"}}
     )
@@ -205,14 +219,13 @@ async def inbound(request: Request) -> JSONResponse:
         "to": [{"phone_number": to, "status": "webhook_delivered"}],
         "text": text,
         "media": [],
-        "received_at": _now(),
+        "received_at": now(),
         "parts": count(text).segments,
         "encoding": count(text).encoding,
         "errors": [],
     }
-    status = await deliver(
-        request, _state(request).config.telnyx_webhook_url, "message.received", payload
-    )
+    urls = _state(request).telnyx_webhook_urls(to, None)
+    status = await deliver(request, urls, "message.received", payload)
     return JSONResponse({"id": payload["id"], "delivered_status": status}, status_code=202)
 
 

@@ -1,0 +1,1 @@
+"""The two-way inbox: one conversation per member, inbound and outbound texts."""

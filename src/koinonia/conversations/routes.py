@@ -1,0 +1,319 @@
+"""`/conversations`: the two-way inbox."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request, Response, status
+from sqlalchemy import select, text
+
+from koinonia.accounts.deps import CurrentPrincipal
+from koinonia.accounts.tables import Church
+from koinonia.conversations import service
+from koinonia.conversations.schemas import (
+    ConversationMember,
+    ConversationMessageOut,
+    ConversationOut,
+    ConversationPatch,
+    LastMessage,
+    ReplyIn,
+    StartConversation,
+)
+from koinonia.conversations.tables import Conversation, ConversationMessage
+from koinonia.errors import ConflictError, FieldError, ValidationError, problem_responses
+from koinonia.http.deps import DbSession
+from koinonia.http.pagination import (
+    Page,
+    PageParams,
+    cursor_datetime,
+    cursor_uuid,
+    make_page,
+    page_params,
+)
+from koinonia.members.crypto import ContactCipher
+from koinonia.members.service import get_member
+from koinonia.tenancy import get_owned
+
+router = APIRouter(prefix="/api/v1/conversations", tags=["conversations"])
+Pages = Annotated[PageParams, Depends(page_params)]
+
+# open ⇄ closed, either → archived, archived → open
+TRANSITIONS = {
+    "open": {"closed", "archived"},
+    "closed": {"open", "archived"},
+    "archived": {"open"},
+}
+
+INBOX_SQL = """
+SELECT c.id, c.status, c.unread_count, c.last_message_at, c.last_message_preview,
+       c.last_message_direction, c.created_at, c.church_id,
+       m.id AS member_id, m.first_name, m.last_name, m.phone_ct, m.opted_out, m.is_unknown
+FROM conversations c JOIN members m ON m.id = c.member_id
+WHERE c.church_id = :church_id
+  AND (CAST(:status AS text) IS NULL OR c.status = :status)
+  AND (CAST(:unread AS boolean) IS NULL OR (c.unread_count > 0) = :unread)
+  AND (CAST(:conversation_id AS uuid) IS NULL OR c.id = :conversation_id)
+  AND (CAST(:before_at AS timestamptz) IS NULL
+       OR (c.last_message_at, c.id) < (:before_at, :before_id))
+ORDER BY c.last_message_at DESC, c.id DESC
+LIMIT :limit
+"""
+
+
+def _cipher(request: Request) -> ContactCipher:
+    cipher: ContactCipher | None = getattr(request.app.state, "contact_cipher", None)
+    if cipher is None:
+        cipher = ContactCipher.from_settings(request.app.state.settings)
+        request.app.state.contact_cipher = cipher
+    return cipher
+
+
+def _out(row: Any, cipher: ContactCipher) -> ConversationOut:
+    return ConversationOut(
+        id=row.id,
+        member=ConversationMember(
+            id=row.member_id,
+            first_name=row.first_name,
+            last_name=row.last_name,
+            phone=cipher.decrypt(row.phone_ct, row.church_id),
+            opted_out=row.opted_out,
+            is_unknown=row.is_unknown,
+        ),
+        status=row.status,
+        unread_count=row.unread_count,
+        last_message_at=row.last_message_at,
+        last_message=LastMessage(
+            body=row.last_message_preview, direction=row.last_message_direction
+        )
+        if row.last_message_preview is not None
+        else None,
+        created_at=row.created_at,
+    )
+
+
+async def _inbox(
+    session: Any,
+    church_id: uuid.UUID,
+    *,
+    limit: int,
+    status_filter: str | None = None,
+    unread: bool | None = None,
+    conversation_id: uuid.UUID | None = None,
+    before: tuple[Any, uuid.UUID] | None = None,
+) -> list[Any]:
+    rows = await session.execute(
+        text(INBOX_SQL),
+        {
+            "church_id": church_id,
+            "status": status_filter,
+            "unread": unread,
+            "conversation_id": conversation_id,
+            "before_at": before[0] if before else None,
+            "before_id": before[1] if before else None,
+            "limit": limit,
+        },
+    )
+    return list(rows)
+
+
+@router.get("", responses=problem_responses(401, 422, 429))
+async def list_conversations(
+    principal: CurrentPrincipal,
+    session: DbSession,
+    request: Request,
+    page: Pages,
+    status_filter: Annotated[
+        Literal["open", "closed", "archived"] | None, Query(alias="status")
+    ] = None,
+    unread: bool | None = None,
+) -> Page[ConversationOut]:
+    """The inbox, newest activity first: one query (conversation + member)."""
+    before = (cursor_datetime(page, 0), cursor_uuid(page, 1)) if page.cursor else None
+    rows = await _inbox(
+        session,
+        principal.church_id,
+        limit=page.limit + 1,
+        status_filter=status_filter,
+        unread=unread,
+        before=before,
+    )
+    cipher = _cipher(request)
+    return make_page(
+        [_out(r, cipher) for r in rows], page.limit, lambda c: [c.last_message_at, c.id]
+    )
+
+
+async def _one(
+    session: Any, church_id: uuid.UUID, conversation_id: uuid.UUID, request: Request
+) -> ConversationOut:
+    rows = await _inbox(session, church_id, limit=1, conversation_id=conversation_id)
+    if not rows:
+        await get_owned(session, Conversation, conversation_id, church_id, what="conversation")
+    return _out(rows[0], _cipher(request))
+
+
+@router.post(
+    "", status_code=status.HTTP_201_CREATED, responses=problem_responses(401, 404, 409, 422, 429)
+)
+async def start_conversation(
+    body: StartConversation,
+    principal: CurrentPrincipal,
+    session: DbSession,
+    request: Request,
+    response: Response,
+) -> ConversationOut:
+    """Open (or find) the member's conversation; with `body`, text them now."""
+    member = await get_member(session, principal.church_id, body.member_id)
+    existing = await session.scalar(
+        select(Conversation.id).where(
+            Conversation.church_id == principal.church_id, Conversation.member_id == member.id
+        )
+    )
+    if body.body:
+        church = await session.get_one(Church, principal.church_id)
+        _require_number(church)
+        await service.queue_outbound(
+            session,
+            request.app.state.job_app,
+            church,
+            member,
+            body.body,
+            author_id=principal.user_id,
+        )
+    elif existing is None:
+        await service.touch_conversation(
+            session, principal.church_id, member.id, body="", direction="outbound", unread=0
+        )
+        await session.execute(
+            text(
+                "UPDATE conversations SET last_message_preview = NULL, "
+                "last_message_direction = NULL WHERE church_id = :c AND member_id = :m"
+            ),
+            {"c": principal.church_id, "m": member.id},
+        )
+    if existing is not None:
+        response.status_code = status.HTTP_200_OK
+    conversation_id = existing or await session.scalar(
+        select(Conversation.id).where(
+            Conversation.church_id == principal.church_id, Conversation.member_id == member.id
+        )
+    )
+    assert conversation_id is not None
+    return await _one(session, principal.church_id, conversation_id, request)
+
+
+@router.get("/{conversation_id}", responses=problem_responses(401, 404, 429))
+async def get_conversation(
+    conversation_id: uuid.UUID, principal: CurrentPrincipal, session: DbSession, request: Request
+) -> ConversationOut:
+    return await _one(session, principal.church_id, conversation_id, request)
+
+
+@router.get("/{conversation_id}/messages", responses=problem_responses(401, 404, 422, 429))
+async def list_conversation_messages(
+    conversation_id: uuid.UUID, principal: CurrentPrincipal, session: DbSession, page: Pages
+) -> Page[ConversationMessageOut]:
+    """Newest first. Bounded below by the conversation's start, so the plan prunes the
+    monthly partitions before it."""
+    conversation = await get_owned(
+        session, Conversation, conversation_id, principal.church_id, what="conversation"
+    )
+    query = select(ConversationMessage).where(
+        ConversationMessage.conversation_id == conversation.id,
+        ConversationMessage.created_at >= conversation.created_at,
+    )
+    if page.cursor:
+        at = cursor_datetime(page, 0)
+        last = page.cursor[1] if len(page.cursor) > 1 else None
+        if not isinstance(last, int):
+            raise ValidationError("The cursor is not valid", errors=[FieldError("cursor", "bad")])
+        query = query.where(
+            (ConversationMessage.created_at < at)
+            | ((ConversationMessage.created_at == at) & (ConversationMessage.id < last))
+        )
+    rows = (
+        await session.scalars(
+            query.order_by(
+                ConversationMessage.created_at.desc(), ConversationMessage.id.desc()
+            ).limit(page.limit + 1)
+        )
+    ).all()
+    items = [
+        ConversationMessageOut(
+            id=str(m.id),
+            direction="inbound" if m.direction == "inbound" else "outbound",
+            body=m.body,
+            status=m.status,
+            kind=m.kind,
+            error_code=m.error_code,
+            created_at=m.created_at,
+        )
+        for m in rows
+    ]
+    return make_page(items, page.limit, lambda m: [m.created_at, int(m.id)])
+
+
+class NoNumberError(ConflictError):
+    code = "number_not_ready"
+    title = "The church's sending number is not ready yet"
+
+
+def _require_number(church: Church) -> None:
+    if not church.phone_number or church.number_status != "assigned":
+        raise NoNumberError("Your sending number is still being set up")
+
+
+@router.post(
+    "/{conversation_id}/messages",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=problem_responses(401, 404, 409, 422, 429),
+    summary="Reply (sent ahead of broadcasts); 409 member_opted_out if they texted STOP",
+)
+async def reply(
+    conversation_id: uuid.UUID,
+    body: ReplyIn,
+    principal: CurrentPrincipal,
+    session: DbSession,
+    request: Request,
+) -> ConversationMessageOut:
+    conversation = await get_owned(
+        session, Conversation, conversation_id, principal.church_id, what="conversation"
+    )
+    church = await session.get_one(Church, principal.church_id)
+    _require_number(church)
+    member = await get_member(session, principal.church_id, conversation.member_id)
+    message = await service.queue_outbound(
+        session, request.app.state.job_app, church, member, body.body, author_id=principal.user_id
+    )
+    return ConversationMessageOut(
+        id=str(message.id),
+        direction="outbound",
+        body=message.body,
+        status=message.status,
+        kind=message.kind,
+        error_code=None,
+        created_at=message.created_at,
+    )
+
+
+@router.patch("/{conversation_id}", responses=problem_responses(401, 404, 409, 422, 429))
+async def update_conversation(
+    conversation_id: uuid.UUID,
+    body: ConversationPatch,
+    principal: CurrentPrincipal,
+    session: DbSession,
+    request: Request,
+) -> ConversationOut:
+    conversation = await get_owned(
+        session, Conversation, conversation_id, principal.church_id, what="conversation"
+    )
+    await session.refresh(conversation, with_for_update=True)
+    if body.status is not None and body.status != conversation.status:
+        if body.status not in TRANSITIONS[conversation.status]:
+            raise ConflictError(f"A {conversation.status} conversation cannot become {body.status}")
+        conversation.status = body.status
+    if body.read:
+        conversation.unread_count = 0
+    await session.flush()
+    return await _one(session, principal.church_id, conversation.id, request)

@@ -1,0 +1,478 @@
+"""Broadcasts: preview, creation (one transaction: message, recipients, debit, dispatch
+jobs), cancellation, and what clients read back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from procrastinate import App
+from sqlalchemy import func, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from koinonia.accounts.principal import Principal
+from koinonia.accounts.tables import Church
+from koinonia.billing import ledger
+from koinonia.db import Database
+from koinonia.errors import ConflictError, FieldError, ValidationError
+from koinonia.groups.tables import Group
+from koinonia.jobs import defer_in_transaction
+from koinonia.members.tables import Member
+from koinonia.messaging import segments as sms
+from koinonia.messaging.counters import apply_transitions
+from koinonia.messaging.schemas import Counts, MessageOut, MessageRequest, PreviewOut
+from koinonia.messaging.tables import Message
+from koinonia.retry import in_transaction
+from koinonia.settings import Settings
+from koinonia.templates.rendering import fields_used, problems, render
+from koinonia.templates.tables import Template
+from koinonia.tenancy import get_owned
+
+MAX_SEGMENTS = 10
+SEND_QUEUE = "sms"
+BATCH_TASK = "messaging:send_batch"
+
+
+class NumberNotReadyError(ConflictError):
+    code = "number_not_ready"
+    title = "The church's sending number is not ready yet"
+
+
+class IdempotencyConflictError(ConflictError):
+    code = "idempotency_key_reused"
+    title = "This Idempotency-Key was used for a different request"
+
+
+class MessageNotCancellableError(ConflictError):
+    code = "not_cancellable"
+    title = "This message can no longer be cancelled"
+
+
+# The audience: distinct live members of the chosen groups and ids, in one statement.
+AUDIENCE_SQL = """
+SELECT m.id, m.opted_out, m.first_name, m.last_name FROM members m
+WHERE m.church_id = :church_id AND m.deleted_at IS NULL
+  AND (m.id = ANY(:member_ids) OR EXISTS (
+        SELECT 1 FROM group_members gm
+        WHERE gm.member_id = m.id AND gm.group_id = ANY(:group_ids)))
+"""
+
+# The audience is constant SQL with bound parameters.
+FAN_OUT_SQL = f"""
+WITH audience AS ({AUDIENCE_SQL}),
+numbered AS (
+  SELECT id, opted_out,
+         row_number() OVER (PARTITION BY opted_out ORDER BY id) - 1 AS position
+  FROM audience
+),
+inserted AS (
+  INSERT INTO message_recipients
+    (created_at, church_id, message_id, member_id, batch_no, status, skip_reason, segments)
+  SELECT :created_at, :church_id, :message_id, id,
+         CASE WHEN opted_out THEN -1 ELSE position / :batch_size END,
+         CASE WHEN opted_out THEN 'skipped' ELSE 'queued' END,
+         CASE WHEN opted_out THEN 'opted_out' END,
+         CASE WHEN opted_out THEN 0 ELSE :segments END
+  FROM numbered
+  RETURNING status
+)
+SELECT status, count(*) FROM inserted GROUP BY status
+"""  # noqa: S608
+
+
+@dataclass(frozen=True)
+class Estimate:
+    body: str  # as rendered for the first recipient
+    encoding: str
+    characters: int
+    segments: int  # the most one recipient's text can take: what is reserved per recipient
+
+
+def _audience_params(church_id: uuid.UUID, request: MessageRequest) -> dict[str, Any]:
+    return {
+        "church_id": church_id,
+        "member_ids": list(dict.fromkeys(request.member_ids)),
+        "group_ids": list(dict.fromkeys(request.group_ids)),
+    }
+
+
+async def _check_audience_ids(
+    session: AsyncSession, church_id: uuid.UUID, request: MessageRequest
+) -> None:
+    errors: list[FieldError] = []
+    if request.group_ids:
+        found = set(
+            await session.scalars(
+                select(Group.id).where(
+                    Group.church_id == church_id, Group.id.in_(request.group_ids)
+                )
+            )
+        )
+        errors += [
+            FieldError("group_ids", f"no such group: {g}")
+            for g in request.group_ids
+            if g not in found
+        ]
+    if request.member_ids:
+        found = set(
+            await session.scalars(
+                select(Member.id).where(
+                    Member.church_id == church_id,
+                    Member.deleted_at.is_(None),
+                    Member.id.in_(request.member_ids),
+                )
+            )
+        )
+        errors += [
+            FieldError("member_ids", f"no such member: {m}")
+            for m in request.member_ids
+            if m not in found
+        ][:100]
+    if errors:
+        raise ValidationError("Some recipients do not exist", errors=errors)
+
+
+async def _body_of(session: AsyncSession, church_id: uuid.UUID, request: MessageRequest) -> str:
+    if request.template_id is not None:
+        template = await get_owned(
+            session, Template, request.template_id, church_id, what="template"
+        )
+        return template.body
+    assert request.body is not None
+    found = problems(request.body)
+    if found:
+        raise ValidationError(
+            "The body has merge-field problems",
+            errors=[FieldError("body", f"at {p.position}: {p.message}") for p in found],
+        )
+    return request.body
+
+
+async def estimate(
+    session: AsyncSession, church: Church, body: str, request: MessageRequest
+) -> Estimate:
+    """Segments reserved per recipient: exact without merge fields, else the worst case
+    over the audience's names (Telnyx's `parts` later settle the real cost)."""
+    used = fields_used(body)
+    params = _audience_params(church.id, request)
+    first = (await session.execute(text(AUDIENCE_SQL + " ORDER BY m.id LIMIT 1"), params)).first()
+    sample = render(
+        body,
+        {
+            "first_name": first.first_name if first else "",
+            "last_name": first.last_name if first else "",
+            "church_name": church.name,
+        },
+    )
+    counted = sms.count(sample)
+    if not used - {"church_name"}:
+        return Estimate(sample, counted.encoding, counted.characters, counted.segments)
+    longest = (
+        await session.execute(
+            text(
+                "SELECT coalesce(max(length(first_name)), 0), "  # noqa: S608
+                f"coalesce(max(length(last_name)), 0) FROM ({AUDIENCE_SQL}) a"
+            ),
+            params,
+        )
+    ).one()
+    unusual = await session.scalars(
+        text(
+            f"SELECT DISTINCT first_name || last_name FROM ({AUDIENCE_SQL}) a "  # noqa: S608
+            "WHERE first_name || last_name ~ '[^ -~]' LIMIT 1000"
+        ),
+        params,
+    )
+    names = "".join(unusual)
+    if sms.encoding_of(names) == "GSM-7":
+        filler = "{"  # an extension character: two septets, the most a GSM-7 one costs
+    else:
+        filler = "😀" if any(ord(c) > 0xFFFF for c in names) else "ж"
+    worst = render(
+        body,
+        {
+            "first_name": filler * int(longest[0]),
+            "last_name": filler * int(longest[1]),
+            "church_name": church.name,
+        },
+    )
+    worst_count = sms.count(worst)
+    return Estimate(
+        sample,
+        worst_count.encoding,
+        counted.characters,
+        max(counted.segments, worst_count.segments),
+    )
+
+
+async def preview(
+    session: AsyncSession, church_id: uuid.UUID, request: MessageRequest
+) -> PreviewOut:
+    church = await session.get_one(Church, church_id)
+    await _check_audience_ids(session, church_id, request)
+    body = await _body_of(session, church_id, request)
+    guess = await estimate(session, church, body, request)
+    counts: dict[bool, int] = dict(
+        (
+            await session.execute(
+                text(f"SELECT opted_out, count(*) FROM ({AUDIENCE_SQL}) a GROUP BY opted_out"),  # noqa: S608
+                _audience_params(church_id, request),
+            )
+        ).all()
+    )
+    friendly = sms.gsm_friendly(guess.body)
+    suggestion = (
+        friendly if guess.encoding == "UCS-2" and sms.encoding_of(friendly) == "GSM-7" else None
+    )
+    return PreviewOut(
+        segments=guess.segments,
+        encoding="UCS-2" if guess.encoding == "UCS-2" else "GSM-7",
+        characters=guess.characters,
+        recipients=int(counts.get(False, 0)),
+        skipped=int(counts.get(True, 0)),
+        body=guess.body,
+        gsm_suggestion=suggestion,
+    )
+
+
+def request_hash(request: MessageRequest) -> bytes:
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(canonical).digest()
+
+
+def to_out(message: Message) -> MessageOut:
+    audience = message.audience or {}
+    return MessageOut(
+        id=message.id,
+        status=message.status,
+        body=message.body,
+        segments=message.segments,
+        encoding=message.encoding,
+        characters=message.characters,
+        recipients_total=message.recipients_total,
+        counts=Counts(
+            queued=message.queued_count,
+            sent=message.sent_count,
+            delivered=message.delivered_count,
+            failed=message.failed_count,
+            skipped=message.skipped_count,
+        ),
+        group_ids=[uuid.UUID(g) for g in audience.get("group_ids", [])],
+        member_ids=[uuid.UUID(m) for m in audience.get("member_ids", [])],
+        template_id=message.template_id,
+        scheduled_at=message.scheduled_at,
+        started_at=message.started_at,
+        completed_at=message.completed_at,
+        cancelled_at=message.cancelled_at,
+        created_at=message.created_at,
+    )
+
+
+@dataclass(frozen=True)
+class Created:
+    message: MessageOut
+    replayed: bool
+
+
+async def create(
+    database: Database,
+    settings: Settings,
+    job_app: App,
+    principal: Principal,
+    request: MessageRequest,
+    idempotency_key: str | None,
+) -> Created:
+    """Everything in one SERIALIZABLE transaction, retried whole on serialization failure."""
+    fingerprint = request_hash(request)
+    now = datetime.now(UTC)
+    if request.scheduled_at is not None:
+        if request.scheduled_at <= now:
+            raise ValidationError(
+                "scheduled_at must be in the future",
+                errors=[FieldError("scheduled_at", "must be in the future")],
+            )
+        if request.scheduled_at > now + timedelta(days=90):
+            raise ValidationError(
+                "scheduled_at is too far ahead",
+                errors=[FieldError("scheduled_at", "at most 90 days ahead")],
+            )
+
+    async def work(session: AsyncSession) -> Created:
+        church_id = principal.church_id
+        if idempotency_key is not None:
+            earlier = await session.scalar(
+                select(Message).where(
+                    Message.church_id == church_id, Message.idempotency_key == idempotency_key
+                )
+            )
+            if earlier is not None:
+                if earlier.request_hash != fingerprint:
+                    raise IdempotencyConflictError(
+                        "Use a new Idempotency-Key for a different message"
+                    )
+                assert earlier.first_response is not None
+                return Created(MessageOut.model_validate(earlier.first_response), True)
+        church = await session.get_one(Church, church_id)
+        if not church.phone_number or church.number_status != "assigned":
+            raise NumberNotReadyError(
+                "Your sending number is still being set up; try again in a few minutes"
+            )
+        await _check_audience_ids(session, church_id, request)
+        body = await _body_of(session, church_id, request)
+        guess = await estimate(session, church, body, request)
+        if guess.segments > MAX_SEGMENTS:
+            raise ValidationError(
+                f"The text takes {guess.segments} segments; at most {MAX_SEGMENTS} are allowed",
+                errors=[FieldError("body", "too long")],
+            )
+        scheduled = request.scheduled_at is not None
+        message = Message(
+            church_id=church_id,
+            created_by=principal.user_id,
+            body=body,
+            template_id=request.template_id,
+            encoding=guess.encoding,
+            segments=guess.segments,
+            characters=guess.characters,
+            audience={
+                "group_ids": [str(g) for g in request.group_ids],
+                "member_ids": [str(m) for m in request.member_ids],
+            },
+            status="scheduled" if scheduled else "queued",
+            scheduled_at=request.scheduled_at,
+            idempotency_key=idempotency_key,
+            request_hash=fingerprint if idempotency_key else None,
+        )
+        session.add(message)
+        await session.flush()
+        await session.refresh(message)
+        rows = await session.execute(
+            text(FAN_OUT_SQL),
+            {
+                **_audience_params(church_id, request),
+                "created_at": message.created_at,
+                "message_id": message.id,
+                "batch_size": settings.dispatch_batch_size,
+                "segments": guess.segments,
+            },
+        )
+        by_status = {str(status): int(n) for status, n in rows}
+        queued, skipped = by_status.get("queued", 0), by_status.get("skipped", 0)
+        reserved = queued * guess.segments
+        if reserved:
+            await ledger.debit_in(session, settings, church_id, reserved, f"message:{message.id}")
+        batches = -(-queued // settings.dispatch_batch_size)
+        message.recipients_total = queued + skipped
+        message.queued_count = queued
+        message.skipped_count = skipped
+        message.segments_reserved = reserved
+        message.batches = batches
+        if queued == 0:
+            message.status = "completed"
+            message.completed_at = now
+        for batch_no in range(batches):
+            await defer_batch(job_app, session, message, batch_no, schedule_at=request.scheduled_at)
+        await session.flush()
+        out = to_out(message)
+        message.first_response = out.model_dump(mode="json")
+        return Created(out, False)
+
+    outcome = await in_transaction(
+        database, "SERIALIZABLE", work, operation="broadcast_create", attempts=10
+    )
+    return outcome.value
+
+
+async def defer_batch(
+    job_app: App,
+    session: AsyncSession,
+    message: Message,
+    batch_no: int,
+    *,
+    schedule_at: datetime | None = None,
+) -> None:
+    await defer_batch_of(
+        job_app,
+        session,
+        message.id,
+        message.created_at,
+        message.church_id,
+        batch_no,
+        schedule_at=schedule_at,
+    )
+
+
+async def defer_batch_of(
+    job_app: App,
+    session: AsyncSession,
+    message_id: uuid.UUID,
+    created_at: datetime,
+    church_id: uuid.UUID,
+    batch_no: int,
+    *,
+    schedule_at: datetime | None = None,
+) -> None:
+    # Priority falls with the batch number: every church's first batch goes before any
+    # church's second, so a big broadcast cannot starve a small one. The lock keeps one
+    # church's batches on one worker slot at a time (they share one number's rate).
+    await defer_in_transaction(
+        job_app,
+        session,
+        BATCH_TASK,
+        queue=SEND_QUEUE,
+        priority=-batch_no,
+        lock=f"sms:{church_id}",
+        schedule_at=schedule_at,
+        message_id=str(message_id),
+        created_at=created_at.isoformat(),
+        batch_no=batch_no,
+    )
+
+
+async def cancel(session: AsyncSession, church_id: uuid.UUID, message_id: uuid.UUID) -> Message:
+    message = await get_owned(session, Message, message_id, church_id, what="message")
+    await session.refresh(message, with_for_update=True)
+    if message.status not in ("scheduled", "queued", "sending"):
+        raise MessageNotCancellableError(f"The message is {message.status}")
+    rows = await session.execute(
+        text(
+            "UPDATE message_recipients SET status = 'skipped', skip_reason = 'cancelled', "
+            "updated_at = now() WHERE message_id = :id AND created_at = :created "
+            "AND status = 'queued' RETURNING segments"
+        ),
+        {"id": message.id, "created": message.created_at},
+    )
+    freed = [int(s) for (s,) in rows]
+    if freed:
+        await apply_transitions(session, [(message.id, "queued", "skipped", len(freed))])
+        await refund(session, message, sum(freed), "cancel")
+    await session.execute(
+        update(Message)
+        .where(Message.id == message.id)
+        .values(status="cancelled", cancelled_at=func.now(), updated_at=func.now())
+    )
+    await session.refresh(message)
+    return message
+
+
+async def refund(session: AsyncSession, message: Message | Any, segments: int, why: str) -> None:
+    """Give back reserved segments that will not be sent (skipped, refused, cancelled,
+    or fewer parts than reserved), each refund with its own ledger reference."""
+    if segments <= 0:
+        return
+    await ledger.refund(
+        session,
+        message.church_id,
+        segments,
+        debit_reference=f"message:{message.id}",
+        credit_reference=f"message:{message.id}:{why}:{uuid.uuid4().hex[:12]}",
+    )
+    await session.execute(
+        update(Message)
+        .where(Message.id == message.id)
+        .values(segments_refunded=Message.segments_refunded + segments)
+    )

@@ -1,0 +1,58 @@
+"""Jobs of the messaging feature: dispatch batches and keeping partitions ahead."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+import structlog
+from procrastinate import Blueprint
+
+from koinonia import partitions
+from koinonia.jobs import JobResources, resources
+from koinonia.messaging.broadcasts import SEND_QUEUE
+from koinonia.messaging.delivery import SendContext
+from koinonia.messaging.sending import run_batch
+
+blueprint = Blueprint()
+log = structlog.get_logger(__name__)
+_contexts: dict[int, SendContext] = {}
+
+
+def send_context(job: JobResources) -> SendContext:
+    """One per worker process (per open resources)."""
+    key = id(job)
+    if key not in _contexts:
+        _contexts.clear()
+        _contexts[key] = SendContext.build(job.settings, job.redis, job.telnyx)
+    return _contexts[key]
+
+
+@blueprint.task(name="send_batch", queue=SEND_QUEUE)
+async def send_batch(message_id: str, created_at: str, batch_no: int) -> None:
+    job = resources()
+    report = await run_batch(
+        send_context(job),
+        job.database,
+        job.job_app,
+        uuid.UUID(message_id),
+        datetime.fromisoformat(created_at),
+        batch_no,
+    )
+    log.info(
+        "batch_slice_done",
+        message_id=message_id,
+        batch_no=batch_no,
+        sent=report.sent,
+        other=report.other,
+        continues_in=report.deferred_for,
+    )
+
+
+@blueprint.periodic(cron="17 3 * * *")
+@blueprint.task(name="ensure_partitions", queue="maintenance", queueing_lock="partitions")
+async def ensure_partitions(timestamp: int) -> None:
+    job = resources()
+    async with job.database.engine.begin() as connection:
+        created = await partitions.ensure(connection, job.settings.partition_months_ahead)
+    log.info("partitions_ensured", created=created)

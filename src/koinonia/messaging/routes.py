@@ -1,0 +1,178 @@
+"""`/messages`: preview, send (with `Idempotency-Key`), list, read, recipients, cancel."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from sqlalchemy import select, text
+
+from koinonia.accounts.deps import CurrentPrincipal
+from koinonia.errors import FieldError, ValidationError, problem_responses
+from koinonia.http.deps import AppSettings, DbSession, get_database
+from koinonia.http.pagination import (
+    Page,
+    PageParams,
+    cursor_datetime,
+    cursor_uuid,
+    make_page,
+    page_params,
+)
+from koinonia.messaging import broadcasts
+from koinonia.messaging.schemas import MessageOut, MessageRequest, PreviewOut, RecipientOut
+from koinonia.messaging.tables import Message
+from koinonia.tenancy import get_owned
+
+router = APIRouter(prefix="/api/v1/messages", tags=["messages"])
+Pages = Annotated[PageParams, Depends(page_params)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=255,
+        description="Same key and body → the first answer again and nothing sent twice; "
+        "same key with another body → 409.",
+    ),
+]
+RecipientStatus = Literal[
+    "queued", "sending", "sent", "delivered", "failed", "undelivered", "skipped"
+]
+
+
+@router.post("/preview", responses=problem_responses(401, 404, 422, 429))
+async def preview_message(
+    body: MessageRequest, principal: CurrentPrincipal, session: DbSession
+) -> PreviewOut:
+    """Segments, encoding and recipient count before sending (nothing is stored)."""
+    return await broadcasts.preview(session, principal.church_id, body)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=problem_responses(401, 402, 404, 409, 422, 429),
+    summary="Send (or schedule) a broadcast",
+    description="Validates, counts segments, resolves the audience (distinct members of "
+    "the groups and ids, not opted out, not deleted), reserves the segments and writes the "
+    "message, every recipient and the dispatch batches in one transaction; workers send. "
+    "`402 quota_exceeded` or `subscription_inactive` when the plan cannot cover it — "
+    "nothing is queued then. `409 number_not_ready` until the church's number is assigned.",
+)
+async def send_message(
+    body: MessageRequest,
+    principal: CurrentPrincipal,
+    request: Request,
+    response: Response,
+    settings: AppSettings,
+    idempotency_key: IdempotencyKey = None,
+) -> MessageOut:
+    created = await broadcasts.create(
+        get_database(request),
+        settings,
+        request.app.state.job_app,
+        principal,
+        body,
+        idempotency_key,
+    )
+    response.headers["Location"] = f"/api/v1/messages/{created.message.id}"
+    if created.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return created.message
+
+
+@router.get("", responses=problem_responses(401, 422, 429))
+async def list_messages(
+    principal: CurrentPrincipal,
+    session: DbSession,
+    page: Pages,
+    status_filter: Annotated[str | None, Query(alias="status", max_length=10)] = None,
+) -> Page[MessageOut]:
+    query = select(Message).where(Message.church_id == principal.church_id)
+    if status_filter:
+        query = query.where(Message.status == status_filter)
+    if page.cursor:
+        at, last = cursor_datetime(page, 0), cursor_uuid(page, 1)
+        query = query.where(
+            (Message.created_at < at) | ((Message.created_at == at) & (Message.id < last))
+        )
+    rows = (
+        await session.scalars(
+            query.order_by(Message.created_at.desc(), Message.id.desc()).limit(page.limit + 1)
+        )
+    ).all()
+    return make_page(
+        [broadcasts.to_out(m) for m in rows], page.limit, lambda m: [m.created_at, m.id]
+    )
+
+
+@router.get("/{message_id}", responses=problem_responses(401, 404, 429))
+async def get_message(
+    message_id: uuid.UUID, principal: CurrentPrincipal, session: DbSession
+) -> MessageOut:
+    message = await get_owned(session, Message, message_id, principal.church_id, what="message")
+    return broadcasts.to_out(message)
+
+
+@router.get("/{message_id}/recipients", responses=problem_responses(401, 404, 422, 429))
+async def list_recipients(
+    message_id: uuid.UUID,
+    principal: CurrentPrincipal,
+    session: DbSession,
+    page: Pages,
+    status_filter: Annotated[RecipientStatus | None, Query(alias="status")] = None,
+) -> Page[RecipientOut]:
+    message = await get_owned(session, Message, message_id, principal.church_id, what="message")
+    after = 0
+    if page.cursor:
+        if not isinstance(page.cursor[0], int):
+            raise ValidationError(
+                "The cursor is not valid", errors=[FieldError("cursor", "not from this list")]
+            )
+        after = page.cursor[0]
+    # `created_at` equal to the broadcast's: the plan touches one partition.
+    rows = await session.execute(
+        text(
+            "SELECT id, member_id, status, skip_reason, segments, attempts, "
+            "provider_message_id, error_code, error_detail, sent_at, finalized_at, "
+            "in_doubt_since IS NOT NULL OR (status = 'sending') AS in_doubt "
+            "FROM message_recipients WHERE message_id = :id AND created_at = :created "
+            "AND id > :after AND (CAST(:status AS text) IS NULL OR status = :status) "
+            "ORDER BY id LIMIT :limit"
+        ),
+        {
+            "id": message.id,
+            "created": message.created_at,
+            "after": after,
+            "status": status_filter,
+            "limit": page.limit + 1,
+        },
+    )
+    items = [
+        RecipientOut(
+            id=str(r.id),
+            member_id=r.member_id,
+            status=r.status,
+            skip_reason=r.skip_reason,
+            segments=r.segments,
+            attempts=r.attempts,
+            provider_message_id=r.provider_message_id,
+            error_code=r.error_code,
+            error_detail=r.error_detail,
+            sent_at=r.sent_at,
+            finalized_at=r.finalized_at,
+            in_doubt=bool(r.in_doubt) and r.status == "sending",
+        )
+        for r in rows
+    ]
+    return make_page(items, page.limit, lambda r: [int(r.id)])
+
+
+@router.post("/{message_id}/cancel", responses=problem_responses(401, 404, 409, 429))
+async def cancel_message(
+    message_id: uuid.UUID, principal: CurrentPrincipal, session: DbSession
+) -> MessageOut:
+    """Stops what has not gone out yet and gives its segments back; texts already handed
+    to Telnyx are not recalled."""
+    message = await broadcasts.cancel(session, principal.church_id, message_id)
+    return broadcasts.to_out(message)

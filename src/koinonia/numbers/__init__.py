@@ -1,0 +1,1 @@
+"""Each church's sending number: bought from Telnyx and attached to a messaging profile."""

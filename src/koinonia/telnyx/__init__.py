@@ -1,0 +1,1 @@
+"""Telnyx: the HTTP client, webhook signatures and the webhook inbox."""

@@ -1,0 +1,89 @@
+"""`POST /webhooks/telnyx`: verify, store once, answer fast; workers apply the events."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel
+from sqlalchemy.dialects.postgresql import insert
+
+from koinonia.errors import WebhookSignatureError, problem_responses
+from koinonia.http.deps import get_database
+from koinonia.inbox.tables import WebhookEvent
+from koinonia.settings import Settings
+from koinonia.telnyx import signatures
+
+router = APIRouter(prefix="/api/v1/webhooks", tags=["webhooks"])
+
+
+class TelnyxAck(BaseModel):
+    received: bool
+    duplicate: bool
+
+
+def _keys(request: Request) -> list[Ed25519PublicKey]:
+    cached: list[Ed25519PublicKey] | None = getattr(request.app.state, "telnyx_keys", None)
+    if cached is None:
+        settings: Settings = request.app.state.settings
+        cached = [
+            signatures.load_public_key(k.strip())
+            for k in settings.telnyx_public_key.split(",")
+            if k.strip()
+        ]
+        request.app.state.telnyx_keys = cached
+    return cached
+
+
+def _event(body: bytes) -> dict[str, Any]:
+    try:
+        event = json.loads(body)
+        data = event["data"]
+        if not isinstance(data["id"], str) or not isinstance(data["event_type"], str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise WebhookSignatureError("The payload is not a Telnyx event") from None
+    return dict(event)
+
+
+@router.post(
+    "/telnyx",
+    summary="Telnyx webhook (receipts and inbound SMS)",
+    description="Verifies the Ed25519 signature over `telnyx-timestamp|raw body` (5-minute "
+    "window) before touching anything, stores the event once per event id and answers at "
+    "once; workers apply stored events in batches. `ref` is the reference Koinonia put in "
+    "a send's `webhook_url`.",
+    responses=problem_responses(401, 413, 429),
+)
+async def telnyx_webhook(
+    request: Request,
+    ref: Annotated[str | None, Query(max_length=80, pattern=r"^[A-Za-z0-9._=-]+$")] = None,
+) -> TelnyxAck:
+    body = await request.body()
+    signatures.verify(
+        _keys(request),
+        body,
+        request.headers.get(signatures.SIGNATURE_HEADER),
+        request.headers.get(signatures.TIMESTAMP_HEADER),
+    )
+    event = _event(body)
+    if ref:
+        event["koinonia_ref"] = ref
+    data = event["data"]
+    database = get_database(request)
+    async with database.engine.begin() as connection:
+        result = await connection.execute(
+            insert(WebhookEvent)
+            .values(
+                provider="telnyx",
+                event_id=data["id"][:100],
+                event_type=data["event_type"][:100],
+                payload=event,
+            )
+            .on_conflict_do_nothing(index_elements=["provider", "event_id"])
+            .returning(WebhookEvent.id)
+        )
+        stored = result.scalar()
+    return TelnyxAck(received=True, duplicate=stored is None)
