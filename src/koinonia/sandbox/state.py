@@ -39,6 +39,7 @@ class SandboxConfig:
             public_base_url=env.get("SANDBOX_PUBLIC_BASE_URL", "http://127.0.0.1:8010"),
             delivery_delay_ms=int(env.get("SANDBOX_DELIVERY_DELAY_MS", "20")),
             seed=int(env["SANDBOX_SEED"]) if env.get("SANDBOX_SEED") else None,
+            timeout_hold_seconds=float(env.get("SANDBOX_TIMEOUT_HOLD_SECONDS", "30")),
         )
 
 
