@@ -38,7 +38,8 @@ async def apply_transitions(session: AsyncSession, transitions: Iterable[Transit
         if before != after:
             deltas[message_id][before] -= rows
             deltas[message_id][after] += rows
-    for message_id, delta in deltas.items():
+    # Always in id order: two transactions touching the same broadcasts cannot deadlock.
+    for message_id, delta in sorted(deltas.items()):
         if not any(delta.values()):
             continue
         assignments = ", ".join(f"{c} = {c} + :{c}" for c in COUNTERS)

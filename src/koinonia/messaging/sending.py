@@ -35,6 +35,7 @@ from koinonia.messaging.broadcasts import BATCH_TASK, SEND_QUEUE, refund
 from koinonia.messaging.counters import apply_transitions
 from koinonia.messaging.delivery import Result, SendContext, attempt, report_to_breaker
 from koinonia.messaging.tables import Message
+from koinonia.retry import in_transaction
 from koinonia.templates.rendering import render
 
 log = structlog.get_logger(__name__)
@@ -253,57 +254,68 @@ async def write_back(
 ) -> None:
     """All results of a chunk in one transaction: statuses, counters, refunds, opt-outs
     and dead letters."""
+
+    async def work(session: AsyncSession) -> None:
+        await _write_back_in(session, message, claimed, results)
+
+    # The texts have gone out: a deadlock or a lost connection here must not leave the
+    # rows `sending` until the lease runs out, so the whole write-back is retried.
+    await in_transaction(database, "READ COMMITTED", work, operation="sms_write_back")
+
+
+async def _write_back_in(
+    session: AsyncSession, message: Message, claimed: list[Claimed], results: list[Result]
+) -> None:
     reserved = {c.id: c.reserved for c in claimed}
     members = {c.id: c.member_id for c in claimed}
     attempts = {c.id: c.attempts for c in claimed}
-    async with database.unit_of_work() as session:
-        changed = await session.execute(
-            text(WRITE_BACK_SQL),
-            {
-                "message_id": message.id,
-                "created_at": message.created_at,
-                "ids": [r.row_id for r in results],
-                "statuses": [r.status for r in results],
-                "reasons": [r.skip_reason for r in results],
-                "provider_ids": [r.provider_id for r in results],
-                "parts": [r.parts for r in results],
-                "codes": [r.error_code for r in results],
-                "details": [r.error_detail for r in results],
-                "next_at": [r.next_attempt_at for r in results],
-                "doubt": [r.in_doubt for r in results],
-                "uncounted": [r.uncounted for r in results],
-            },
-        )
-        applied = {int(row.id): (row.old_status, row.new_status) for row in changed}
-        tally = Tally(applied.values())
-        await apply_transitions(session, [(message.id, o, n, k) for (o, n), k in tally.items()])
-        unused = 0
-        for result in results:
-            if result.row_id not in applied:
-                continue  # a receipt got there first
-            if result.status in ("skipped", "failed"):
-                unused += reserved[result.row_id]
-            elif result.status == "sent" and result.parts is not None:
-                unused += max(0, reserved[result.row_id] - result.parts)
-        await refund(session, message, unused, "unsent")
-        opted_out = [members[r.row_id] for r in results if r.opted_out and r.row_id in applied]
-        if opted_out:
-            await _opt_out(session, opted_out)
-        for result in results:
-            if result.exhausted and result.row_id in applied:
-                await dead_letters.record(
-                    session,
-                    kind="sms.send",
-                    church_id=message.church_id,
-                    payload={
-                        "message_id": str(message.id),
-                        "created_at": message.created_at.isoformat(),
-                        "recipient_id": result.row_id,
-                    },
-                    error=result.error_detail or "send failed",
-                    error_code=result.error_code,
-                    attempts=attempts[result.row_id],
-                )
+    changed = await session.execute(
+        text(WRITE_BACK_SQL),
+        {
+            "message_id": message.id,
+            "created_at": message.created_at,
+            "ids": [r.row_id for r in results],
+            "statuses": [r.status for r in results],
+            "reasons": [r.skip_reason for r in results],
+            "provider_ids": [r.provider_id for r in results],
+            "parts": [r.parts for r in results],
+            "codes": [r.error_code for r in results],
+            "details": [r.error_detail for r in results],
+            "next_at": [r.next_attempt_at for r in results],
+            "doubt": [r.in_doubt for r in results],
+            "uncounted": [r.uncounted for r in results],
+        },
+    )
+    applied = {int(row.id): (row.old_status, row.new_status) for row in changed}
+    tally = Tally(applied.values())
+    await apply_transitions(session, [(message.id, o, n, k) for (o, n), k in tally.items()])
+    unused = 0
+    for result in results:
+        if result.row_id not in applied:
+            continue  # a receipt got there first
+        if result.status in ("skipped", "failed"):
+            unused += reserved[result.row_id]
+        elif result.status == "sent" and result.parts is not None:
+            unused += max(0, reserved[result.row_id] - result.parts)
+    await refund(session, message, unused, "unsent")
+    opted_out = [members[r.row_id] for r in results if r.opted_out and r.row_id in applied]
+    if opted_out:
+        await _opt_out(session, opted_out)
+    for result in results:
+        if result.exhausted and result.row_id in applied:
+            await dead_letters.record(
+                session,
+                kind="sms.send",
+                church_id=message.church_id,
+                payload={
+                    "message_id": str(message.id),
+                    "created_at": message.created_at.isoformat(),
+                    "recipient_id": result.row_id,
+                },
+                error=result.error_detail or "send failed",
+                error_code=result.error_code,
+                attempts=attempts[result.row_id],
+            )
 
 
 async def _opt_out(session: AsyncSession, member_ids: list[uuid.UUID]) -> None:
