@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 
+from koinonia.observability import RETRIES
 from tests.messaging.conftest import SendingChurch, WorkerFactory, eventually
 from tests.support.api import add_member
 
@@ -36,8 +37,10 @@ async def test_exhausted_send_is_dead_lettered_and_replayed_once(
         result: dict[str, int] = got["counts"]
         return result
 
+    retries_before = RETRIES.labels("telnyx_send")._value.get()
     async with worker(telnyx_max_retries=1):
         await eventually(lambda: _when(counts(), lambda c: c["failed"] == 1), within=30)
+    assert RETRIES.labels("telnyx_send")._value.get() == retries_before + 1  # counted
     refunded = (await client.get("/api/v1/billing/usage", headers=headers)).json()
     assert refunded["remaining"] == usage_before["remaining"] + 1  # not billed
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+import structlog
 from prometheus_client import Counter
 from redis.asyncio import Redis
 
@@ -17,6 +18,7 @@ from koinonia.breaker import CircuitBreaker
 from koinonia.members.crypto import ContactCipher
 from koinonia.messaging import refs
 from koinonia.messaging.throughput import NumberThroughput
+from koinonia.observability import RETRIES
 from koinonia.retry import backoff_seconds
 from koinonia.settings import Settings
 from koinonia.telnyx.client import (
@@ -26,6 +28,7 @@ from koinonia.telnyx.client import (
     TelnyxClient,
 )
 
+log = structlog.get_logger(__name__)
 SMS_OUTCOMES = Counter(
     "koinonia_sms_sends_total",
     "SMS send attempts by outcome (sent, skipped, failed, retry, in_doubt)",
@@ -132,6 +135,17 @@ async def attempt(
             )
         wait = max(error.retry_after or 0.0, backoff_seconds(attempts))
         SMS_OUTCOMES.labels(kind, "retry").inc()
+        RETRIES.labels("telnyx_send").inc()
+        # Ids and codes only: the row id leads to the phone for those allowed to see it.
+        log.info(
+            "send_retry_scheduled",
+            kind=kind,
+            row_id=row_id,
+            attempt=attempts,
+            status=error.status,
+            code=error.code,
+            wait_seconds=round(wait, 3),
+        )
         return Result(
             row_id,
             "queued",
