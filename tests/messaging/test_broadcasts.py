@@ -117,3 +117,59 @@ async def test_other_church_sees_404(
         headers=other_church.headers,
     )
     assert foreign.status_code in (409, 422)
+
+
+async def test_carrier_refusals_are_skipped_with_their_reason_and_not_billed(
+    client: httpx.AsyncClient,
+    sending_church: SendingChurch,
+    sandbox_http: httpx.AsyncClient,
+    worker: WorkerFactory,
+) -> None:
+    headers = sending_church.headers
+    exchange = 200 + uuid.uuid4().int % 300
+    # The sandbox refuses numbers ending 0000 (40300: texted STOP at the carrier),
+    # 0001 (40001: landline) and 0002 (40310: cannot receive SMS), as Telnyx does.
+    phones = {end: f"+1415{exchange}{end}" for end in ("0000", "0001", "0002")}
+    members = {
+        end: await add_member(client, sending_church.account, phone=phone)
+        for end, phone in phones.items()
+    }
+    fine = await add_member(client, sending_church.account)
+    usage_before = (await client.get("/api/v1/billing/usage", headers=headers)).json()
+    ids = [m["id"] for m in members.values()] + [fine["id"]]
+    sent = await client.post(
+        "/api/v1/messages", json={"body": "Hello", "member_ids": ids}, headers=headers
+    )
+    assert sent.status_code == 202, sent.text
+    message_id = sent.json()["id"]
+    reserved = (await client.get("/api/v1/billing/usage", headers=headers)).json()
+    assert reserved["remaining"] == usage_before["remaining"] - 4
+
+    async def finished() -> Any:
+        got = (await client.get(f"/api/v1/messages/{message_id}", headers=headers)).json()
+        done = got["status"] == "completed" and got["counts"]["delivered"] == 1
+        return got if done else None
+
+    async with worker():
+        message = await eventually(finished)
+    assert message["counts"] == {"queued": 0, "sent": 0, "delivered": 1, "failed": 0, "skipped": 3}
+    rows = (await client.get(f"/api/v1/messages/{message_id}/recipients", headers=headers)).json()[
+        "data"
+    ]
+    by_member = {r["member_id"]: r for r in rows}
+    expected = {
+        "0000": ("opted_out", "40300"),
+        "0001": ("landline", "40001"),
+        "0002": ("invalid", "40310"),
+    }
+    for end, (reason, code) in expected.items():
+        row = by_member[members[end]["id"]]
+        assert (row["status"], row["skip_reason"], row["error_code"]) == ("skipped", reason, code)
+        assert row["segments"] == 0
+    stopped = (await client.get(f"/api/v1/members/{members['0000']['id']}", headers=headers)).json()
+    assert stopped["opted_out"] is True and stopped["opted_out_source"] == "provider"
+    for end in ("0001", "0002"):
+        other = (await client.get(f"/api/v1/members/{members[end]['id']}", headers=headers)).json()
+        assert other["opted_out"] is False
+    billed = (await client.get("/api/v1/billing/usage", headers=headers)).json()
+    assert billed["remaining"] == usage_before["remaining"] - 1  # only the delivered one

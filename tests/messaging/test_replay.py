@@ -1,13 +1,22 @@
-"""A send that runs out of retries lands in the dead-letter queue; an operator's replay
-sends it (once) and bills it again; a second replay is refused."""
+"""Work that ran out of retries lands in the dead-letter queue; an operator's replay
+sends it (once, billed again) or applies it again, and a second replay is refused."""
 
 from __future__ import annotations
 
+import json
+import uuid
 from typing import Any
 
 import httpx
+from fastapi import FastAPI
+from sqlalchemy import text
 
+from koinonia.deadletters import service as dead_letters
+from koinonia.members.crypto import ContactCipher
+from koinonia.messaging import refs
 from koinonia.observability import RETRIES
+from koinonia.settings import Settings
+from koinonia.telnyx.events import apply_pending
 from tests.messaging.conftest import SendingChurch, WorkerFactory, eventually
 from tests.support.api import add_member
 
@@ -76,3 +85,104 @@ async def test_exhausted_send_is_dead_lettered_and_replayed_once(
 async def _when(value: Any, predicate: Any) -> Any:
     got = await value
     return got if predicate(got) else None
+
+
+async def test_exhausted_reply_is_dead_lettered_and_replayed(
+    client: httpx.AsyncClient,
+    sending_church: SendingChurch,
+    sandbox_http: httpx.AsyncClient,
+    worker: WorkerFactory,
+    tenant_factory: Any,
+) -> None:
+    operator = await tenant_factory(is_operator=True)
+    headers = sending_church.headers
+    member = await add_member(client, sending_church.account)
+    started = await client.post(
+        "/api/v1/conversations", json={"member_id": member["id"]}, headers=headers
+    )
+    messages_url = f"/api/v1/conversations/{started.json()['id']}/messages"
+    await sandbox_http.post("/sandbox/faults", json={"error_rate": 1.0, "status": 429})
+    reply = await client.post(messages_url, json={"body": "See you Sunday"}, headers=headers)
+    assert reply.status_code == 202, reply.text
+
+    async def reply_status() -> str:
+        listed = (await client.get(messages_url, headers=headers)).json()["data"]
+        [text] = [m for m in listed if m["direction"] == "outbound"]
+        status: str = text["status"]
+        return status
+
+    async with worker(telnyx_max_retries=1):
+        await eventually(lambda: _when(reply_status(), lambda s: s == "failed"), within=30)
+    listed = await client.get(
+        DLQ,
+        params={"kind": "sms.reply", "church_id": sending_church.account.church_id},
+        headers=operator.headers,
+    )
+    [entry] = listed.json()["data"]
+    await sandbox_http.delete("/sandbox/faults")
+    replayed = await client.post(f"{DLQ}/{entry['id']}/replay", headers=operator.headers)
+    assert replayed.status_code == 200, replayed.text
+    async with worker():
+        await eventually(lambda: _when(reply_status(), lambda s: s == "delivered"), within=30)
+    log = (await sandbox_http.get("/sandbox/messages", params={"to": member["phone"]})).json()
+    assert [t["text"] for t in log["data"]] == ["See you Sunday"]
+
+
+async def test_dead_lettered_event_is_applied_again_after_replay(
+    client: httpx.AsyncClient, app: FastAPI, settings: Settings, tenant_factory: Any
+) -> None:
+    operator = await tenant_factory(is_operator=True)
+    async with app.state.database.unit_of_work() as session:
+        event_id = await session.scalar(
+            text(
+                "INSERT INTO webhook_events (provider, event_id, event_type, payload, "
+                "processed_at, attempts, last_error) VALUES ('telnyx', :e, 'message.finalized', "
+                "CAST(:p AS jsonb), now(), 5, 'boom') RETURNING id"
+            ),
+            {"e": str(uuid.uuid4()), "p": json.dumps(_receipt_of_unknown_message())},
+        )
+        await dead_letters.record(
+            session,
+            kind="webhook.telnyx",
+            church_id=None,
+            payload={"webhook_event_id": event_id, "event_type": "message.finalized"},
+            error="boom",
+            error_code=None,
+            attempts=5,
+        )
+        entry_id = await session.scalar(
+            text("SELECT max(id) FROM dead_letters WHERE kind = 'webhook.telnyx'")
+        )
+    replayed = await client.post(f"{DLQ}/{entry_id}/replay", headers=operator.headers)
+    assert replayed.status_code == 200, replayed.text
+    async with app.state.database.unit_of_work() as session:
+        row = (
+            await session.execute(
+                text("SELECT processed_at, attempts, last_error FROM webhook_events WHERE id = :i"),
+                {"i": event_id},
+            )
+        ).one()
+    assert tuple(row) == (None, 0, None)  # pending again
+    cipher = ContactCipher.from_settings(settings)
+    key = refs.ref_key(settings.member_hmac_key.get_secret_value())
+    while (await apply_pending(app.state.database, cipher, app.state.job_app, key, 100)).events:
+        pass
+    async with app.state.database.unit_of_work() as session:
+        applied = await session.scalar(
+            text(
+                "SELECT processed_at IS NOT NULL AND attempts = 0 FROM webhook_events WHERE id = :i"
+            ),
+            {"i": event_id},
+        )
+    assert applied
+
+
+def _receipt_of_unknown_message() -> dict[str, Any]:
+    payload = {
+        "id": str(uuid.uuid4()),
+        "to": [{"phone_number": "+14155550123", "status": "delivered"}],
+        "parts": 1,
+    }
+    return {
+        "data": {"event_type": "message.finalized", "id": str(uuid.uuid4()), "payload": payload}
+    }

@@ -140,6 +140,10 @@ async def send_message(request: Request) -> JSONResponse:
         )
     if to.endswith("0001"):
         return telnyx_error(400, "40001", "Not routable", "A landline", "/to")
+    if to.endswith("0002"):
+        return telnyx_error(
+            400, "40310", "Invalid destination", "The number cannot receive SMS", "/to"
+        )
     segments = count(text)
     message: dict[str, Any] = {
         "record_type": "message",
