@@ -20,7 +20,7 @@ from koinonia.billing import ledger
 from koinonia.db import Database
 from koinonia.errors import ConflictError, FieldError, ValidationError
 from koinonia.groups.tables import Group
-from koinonia.jobs import defer_in_transaction
+from koinonia.jobs import defer_in_transaction, defer_many_in_transaction
 from koinonia.members.tables import Member
 from koinonia.messaging import segments as sms
 from koinonia.messaging.counters import apply_transitions
@@ -53,12 +53,17 @@ class MessageNotCancellableError(ConflictError):
 
 
 # The audience: distinct live members of the chosen groups and ids, in one statement.
+# (`id IN (… UNION …)` plans as a hash join with a true row estimate; the equivalent
+# `id = ANY(…) OR EXISTS (…)` was costed ~40× higher, which switched on JIT compilation
+# for ~200 ms per large broadcast.)
 AUDIENCE_SQL = """
 SELECT m.id, m.opted_out, m.first_name, m.last_name FROM members m
 WHERE m.church_id = :church_id AND m.deleted_at IS NULL
-  AND (m.id = ANY(:member_ids) OR EXISTS (
-        SELECT 1 FROM group_members gm
-        WHERE gm.member_id = m.id AND gm.group_id = ANY(:group_ids)))
+  AND m.id IN (
+        SELECT unnest(CAST(:member_ids AS uuid[]))
+        UNION
+        SELECT gm.member_id FROM group_members gm
+        WHERE gm.group_id = ANY(CAST(:group_ids AS uuid[])))
 """
 
 # The audience is constant SQL with bound parameters.
@@ -374,8 +379,7 @@ async def create(
         if queued == 0:
             message.status = "completed"
             message.completed_at = now
-        for batch_no in range(batches):
-            await defer_batch(job_app, session, message, batch_no, schedule_at=request.scheduled_at)
+        await defer_batches(job_app, session, message, batches, schedule_at=request.scheduled_at)
         await session.flush()
         out = to_out(message)
         message.first_response = out.model_dump(mode="json")
@@ -387,21 +391,32 @@ async def create(
     return outcome.value
 
 
-async def defer_batch(
+async def defer_batches(
     job_app: App,
     session: AsyncSession,
     message: Message,
-    batch_no: int,
+    batches: int,
     *,
     schedule_at: datetime | None = None,
 ) -> None:
-    await defer_batch_of(
+    """All of a new broadcast's batch jobs in one statement (see `defer_batch_of`)."""
+    await defer_many_in_transaction(
         job_app,
         session,
-        message.id,
-        message.created_at,
-        message.church_id,
-        batch_no,
+        BATCH_TASK,
+        [
+            (
+                -batch_no,
+                {
+                    "message_id": str(message.id),
+                    "created_at": message.created_at.isoformat(),
+                    "batch_no": batch_no,
+                },
+            )
+            for batch_no in range(batches)
+        ],
+        queue=SEND_QUEUE,
+        lock=f"sms:{message.church_id}",
         schedule_at=schedule_at,
     )
 
