@@ -451,6 +451,16 @@ def backend_pids(database_url: str) -> list[int]:
     return [int(row[0]) for row in rows]
 
 
+def sessions_opened(database_url: str) -> int:
+    """Connections ever opened to this database (pg_stat_database.sessions, PostgreSQL 14+)."""
+    with psycopg.connect(plain_url(database_url), autocommit=True) as connection:
+        row = connection.execute(
+            "SELECT sessions FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+    # Less the one this function opened.
+    return int(row[0]) - 1 if row and row[0] is not None else 0
+
+
 def stored_rows(database_url: str) -> int:
     with psycopg.connect(plain_url(database_url), autocommit=True) as connection:
         row = connection.execute("SELECT count(*) FROM webhook_events").fetchone()
@@ -475,6 +485,7 @@ class Run:
     socket_errors: dict[str, int]
     cpu: dict[str, float] = field(default_factory=dict)
     rows_added: int | None = None
+    new_backends: int | None = None
 
     @property
     def rate(self) -> float:
@@ -510,11 +521,9 @@ def run_wrk(
     ]  # fmt: skip
     pids = backend_pids(database_url) if database_url else []
     rows_before = stored_rows(database_url) if database_url else 0
-    before = {
-        "server": cpu_seconds(server.pid),
-        "postgres": sum(cpu_seconds(pid) for pid in pids),
-        "machine": machine_busy_seconds(),
-    }
+    sessions_before = sessions_opened(database_url) if database_url else 0
+    backends_before = {pid: cpu_seconds(pid) for pid in pids}
+    before = {"server": cpu_seconds(server.pid), "machine": machine_busy_seconds()}
     wrk_before = os.times()
     generator = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -534,8 +543,9 @@ def run_wrk(
     after_pids = backend_pids(database_url) if database_url else []
     cpu = {
         "server": cpu_seconds(server.pid) - before["server"],
-        # Backends opened during the run count in full (they started with it).
-        "postgres": sum(cpu_seconds(pid) for pid in after_pids) - before["postgres"],
+        # Backends opened during the run count in full (they started with it); those that
+        # also closed during it are lost (`new_backends` counts the connections opened).
+        "postgres": sum(cpu_seconds(pid) - backends_before.get(pid, 0.0) for pid in after_pids),
         "machine": machine_busy_seconds() - before["machine"],
         "wrk": (wrk_after.children_user - wrk_before.children_user)
         + (wrk_after.children_system - wrk_before.children_system),
@@ -563,6 +573,8 @@ def run_wrk(
     )
     if database_url:
         result.rows_added = stored_rows(database_url) - rows_before
+        # The bench's own bookkeeping connections (3 between the two readings) excluded.
+        result.new_backends = sessions_opened(database_url) - sessions_before - 3
     return result
 
 
@@ -628,13 +640,15 @@ def row(run: Run) -> str:
         f"{run.label:<28} c={run.concurrency:<4} {run.answered:>7,} {run.rate:>10,.0f} "
         f"{run.p50_ms:>7.1f} {run.p95_ms:>7.1f} {run.p99_ms:>7.1f} {run.max_ms:>7.1f} "
         f"{run.cpu_us_per_request('server'):>7.0f} {run.cpu_us_per_request('postgres'):>6.0f} "
-        f"{run.cpu_us_per_request('wrk'):>5.0f} {run.cpu['machine'] / run.seconds:>6.0%}"
+        f"{run.cpu_us_per_request('wrk'):>5.0f} {run.cpu['machine'] / run.seconds:>6.0%} "
+        f"{'' if run.new_backends is None else run.new_backends:>5}"
     )
 
 
 HEADER = (
     f"{'run':<28} {'':6} {'answers':>7} {'receipts/s':>10} {'p50 ms':>7} {'p95 ms':>7} "
-    f"{'p99 ms':>7} {'max ms':>7} {'srv µs':>7} {'pg µs':>6} {'wrk µs':>5} {'busy':>6}"
+    f"{'p99 ms':>7} {'max ms':>7} {'srv µs':>7} {'pg µs':>6} {'wrk µs':>5} {'busy':>6} "
+    f"{'conns':>5}"
 )
 
 
@@ -778,7 +792,7 @@ def main() -> None:
                         )
                     )  # fmt: skip
                 finally:
-                    spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
+                    spy.send_signal(signal.SIGINT)  # py-spy writes its output and exits
                     try:
                         spy.wait(timeout=30)
                     except subprocess.TimeoutExpired:
@@ -792,18 +806,31 @@ def main() -> None:
                 info_warm = batch(key, args.warmup, "warm-info", workdir)
                 run_wrk("info warm-up", info, info_warm, concurrency, threads, workdir, url)
                 info_batch = batch(key, args.sweep_events, "info", workdir)
-                runs.append(
-                    run_wrk(
-                        "koinonia, LOG_LEVEL=INFO", info, info_batch, concurrency, threads,
-                        workdir, url,
-                    )
+                info_run = run_wrk(
+                    "koinonia, LOG_LEVEL=INFO", info, info_batch, concurrency, threads,
+                    workdir, url,
                 )  # fmt: skip
+                runs.append(info_run)
+                extra = info_run.cpu_us_per_request("server") - api_main.cpu_us_per_request(
+                    "server"
+                )
+                notes.append(
+                    f"LOG_LEVEL=INFO: {info_run.rate:,.0f} receipts/s vs {api_main.rate:,.0f} "
+                    f"at WARNING; server CPU {extra:+.0f} µs per request"
+                )
                 log_bytes = (workdir / "api-INFO.log").stat().st_size
                 notes.append(
-                    f"INFO access log: {log_bytes / max(1, info_warm_and(info_batch, args)):,.0f}"
-                    " bytes per request, written to a file"
+                    f"INFO logs: {log_bytes / (args.warmup + len(info_batch)):,.0f} bytes per "
+                    "request, written to a file"
                 )
                 stop(info.process)
+
+            slow = sum(
+                (workdir / f"api-{level}.log").read_text(errors="replace").count("slow_query")
+                for level in ("WARNING", "INFO")
+                if (workdir / f"api-{level}.log").exists()
+            )
+            notes.append(f"API logs: {slow} slow_query warnings (statements ≥ 100 ms)")
 
     # ------------------------------------------------------------------- checks
     checks = [
@@ -841,7 +868,10 @@ def main() -> None:
         f"wrk -t{threads}, closed loop, keep-alive; {os.cpu_count()} CPUs"
     )
     print("srv/pg/wrk µs = CPU per request of the server process, its PostgreSQL backends, wrk;")
-    print("busy = whole-machine CPU during the run (200 % = both cores)")
+    print(
+        "busy = whole-machine CPU during the run (200 % = both cores, other work included); "
+        "conns = PostgreSQL connections the API opened during the run"
+    )
     print(HEADER)
     for run in runs:
         print(row(run))
@@ -884,11 +914,6 @@ def main() -> None:
     if problems:
         print("\nPROBLEMS:\n  " + "\n  ".join(problems))
         raise SystemExit(1)
-
-
-def info_warm_and(info_batch: EventBatch, args: argparse.Namespace) -> int:
-    """Requests the INFO server answered: its warm-up plus the measured batch."""
-    return int(args.warmup) + len(info_batch)
 
 
 if __name__ == "__main__":
