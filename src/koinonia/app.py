@@ -59,7 +59,9 @@ def _request_id_is_sane(value: str) -> bool:
 
 def feature_routers() -> list[APIRouter]:
     """Every feature router; each declares its full prefix (`/api/v1/...`)."""
+    # Provider webhooks first: they are the busiest routes and routing tries in order.
     return [
+        telnyx_routes.router,
         health_routes.router,
         *accounts_routes.routers,
         *members_routes.routers,
@@ -68,7 +70,6 @@ def feature_routers() -> list[APIRouter]:
         *billing_routes.routers,
         messaging_routes.router,
         conversations_routes.router,
-        telnyx_routes.router,
         operations_routes.router,
         deadletters_routes.router,
     ]

@@ -3,6 +3,7 @@ the same event twice → stored once, `finalized` before `sent` → final state 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -175,3 +176,26 @@ async def test_duplicate_and_out_of_order_receipts(
         )
     ).json()["data"][0]
     assert again["status"] == "delivered"
+
+
+async def test_concurrent_redeliveries_store_one_event(
+    client: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """Requests arriving together share one INSERT; the same event id in it is still
+    stored once and exactly one answer says it was new."""
+    event_id = str(uuid.uuid4())
+    same = _event("message.sent", {"id": str(uuid.uuid4()), "to": [], "parts": 1}, event_id)
+    others = [
+        _event("message.sent", {"id": str(uuid.uuid4()), "to": [], "parts": 1}) for _ in range(30)
+    ]
+    answers = await asyncio.gather(*(_post(client, body) for body in [same] * 20 + others))
+    assert all(a.status_code == 200 for a in answers)
+    firsts = [a.json()["duplicate"] for a in answers[:20]]
+    assert firsts.count(False) == 1
+    assert not any(a.json()["duplicate"] for a in answers[20:])
+    async with app.state.database.unit_of_work() as session:
+        stored = await session.scalar(
+            text("SELECT count(*) FROM webhook_events WHERE provider = 'telnyx' AND event_id = :e"),
+            {"e": event_id},
+        )
+    assert stored == 1

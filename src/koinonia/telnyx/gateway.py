@@ -11,6 +11,7 @@ from koinonia.breaker import CircuitBreaker
 from koinonia.health.checks import Degraded, HealthCheck
 from koinonia.settings import Settings
 from koinonia.telnyx.client import TelnyxClient
+from koinonia.telnyx.event_writer import EventWriter
 
 
 def telnyx_health(client: TelnyxClient, breaker: CircuitBreaker) -> HealthCheck:
@@ -30,7 +31,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     client = TelnyxClient(settings, max_connections=16)
     app.state.telnyx = client
     app.state.health_checks.append(telnyx_health(client, CircuitBreaker(app.state.redis, "telnyx")))
+    events = EventWriter(settings.database_url, "telnyx")
+    await events.open()
+    app.state.telnyx_events = events
     try:
         yield
     finally:
+        await events.close()
         await client.aclose()

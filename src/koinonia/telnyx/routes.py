@@ -8,13 +8,11 @@ from typing import Annotated, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
-from sqlalchemy.dialects.postgresql import insert
 
 from koinonia.errors import WebhookSignatureError, problem_responses
-from koinonia.http.deps import get_database
-from koinonia.inbox.tables import WebhookEvent
 from koinonia.settings import Settings
 from koinonia.telnyx import signatures
+from koinonia.telnyx.event_writer import EventWriter
 
 router = APIRouter(prefix="/api/v1/webhooks", tags=["webhooks"])
 
@@ -72,18 +70,6 @@ async def telnyx_webhook(
     if ref:
         event["koinonia_ref"] = ref
     data = event["data"]
-    database = get_database(request)
-    async with database.engine.begin() as connection:
-        result = await connection.execute(
-            insert(WebhookEvent)
-            .values(
-                provider="telnyx",
-                event_id=data["id"][:100],
-                event_type=data["event_type"][:100],
-                payload=event,
-            )
-            .on_conflict_do_nothing(index_elements=["provider", "event_id"])
-            .returning(WebhookEvent.id)
-        )
-        stored = result.scalar()
-    return TelnyxAck(received=True, duplicate=stored is None)
+    writer: EventWriter = request.app.state.telnyx_events
+    new = await writer.store(data["id"][:100], data["event_type"][:100], event)
+    return TelnyxAck(received=True, duplicate=not new)
