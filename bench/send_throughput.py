@@ -38,6 +38,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -60,6 +62,7 @@ import psycopg
 from redis import Redis
 
 from bench.common import plain_url, scratch_database, settings_for
+from koinonia.telnyx.client import CONNECTIONS_PER_CLIENT
 
 TARGET = 1_000.0  # SMS/s per worker process
 REDIS_URL = "redis://127.0.0.1:6379/13"  # tests use 15; flushed at start
@@ -302,15 +305,24 @@ def copy_members(url: str, church_id: uuid.UUID, count: int) -> tuple[uuid.UUID,
 
 async def baseline(sandbox_url: str, count: int, concurrency: int) -> float:
     """Seconds for `count` sends with `concurrency` in flight, straight to the sandbox."""
-    connections = max(32, concurrency * 2)  # as koinonia.telnyx.client.TelnyxClient
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    # The same client layout as koinonia.telnyx.client.TelnyxClient: small pools in turn.
+    connections = max(16, concurrency * 3 // 2)
+    per_client = min(CONNECTIONS_PER_CLIENT, connections)
+    limits = httpx.Limits(
+        max_connections=per_client, max_keepalive_connections=per_client, keepalive_expiry=3.0
+    )
     headers = {"Authorization": "Bearer KEY_sandbox", "Accept": "application/json"}
     next_index = iter(range(count))
     failures: Counter[int] = Counter()
 
-    async with httpx.AsyncClient(
-        base_url=sandbox_url, headers=headers, limits=limits, timeout=10
-    ) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        shards = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(base_url=sandbox_url, headers=headers, limits=limits, timeout=10)
+            )
+            for _ in range(-(-connections // per_client))
+        ]
+        turn = itertools.cycle(shards)
 
         async def lane() -> None:
             for i in next_index:
@@ -322,19 +334,19 @@ async def baseline(sandbox_url: str, count: int, concurrency: int) -> float:
                     "use_profile_webhooks": False,  # no receipts: nobody to receive them
                 }
                 try:
-                    response = await client.post("/v2/messages", json=body)
+                    response = await next(turn).post("/v2/messages", json=body)
                 except (httpx.ReadError, httpx.RemoteProtocolError):
                     # The sandbox closed an idle keep-alive connection as this request
                     # went out on it (uvicorn's 5 s keep-alive); nothing was accepted.
                     failures[0] += 1
-                    response = await client.post("/v2/messages", json=body)
+                    response = await next(turn).post("/v2/messages", json=body)
                 if response.status_code != 200:
                     failures[response.status_code] += 1
                 else:
                     response.json()  # decoded, as the worker's client does
 
         # Warm the connections up so that connect time does not count.
-        await asyncio.gather(*(client.get("/sandbox/faults") for _ in range(concurrency)))
+        await asyncio.gather(*(next(turn).get("/sandbox/faults") for _ in range(concurrency)))
         start = time.perf_counter()
         await asyncio.gather(*(lane() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start

@@ -46,7 +46,7 @@ def create_sandbox_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Keep every delivery slot's connection alive between webhooks (see delivery_slots).
-        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+        limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
         async with httpx.AsyncClient(timeout=10, transport=transport, limits=limits) as client:
             app.state.sandbox.http = client
             yield

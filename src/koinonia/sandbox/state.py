@@ -69,7 +69,7 @@ class SandboxState:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     # Webhook POSTs in flight at once. Without a bound, a 10,000-text burst queues 20,000
     # requests inside httpx's pool, whose request assignment is quadratic in that queue.
-    delivery_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(32))
+    delivery_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(16))
 
     def __post_init__(self) -> None:
         if self.config.seed is not None:

@@ -9,6 +9,7 @@ retried; callers decide with `SendRefusedError` (nothing was sent: permanent), `
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -79,23 +80,50 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+# httpx's pool does work proportional to its connection count on every request (it
+# checks each idle connection's socket); one client with 128 connections measured
+# 8.5 ms of CPU per send at 64 in flight, eight clients of 8 connections 0.85 ms.
+CONNECTIONS_PER_CLIENT = 8
+
+
 class TelnyxClient:
+    """Telnyx over a few small pooled httpx clients used in turn (see above)."""
+
     def __init__(self, settings: Settings, *, max_connections: int | None = None) -> None:
-        connections = max_connections or max(32, settings.send_concurrency * 2)
-        self._http = httpx.AsyncClient(
-            base_url=str(settings.telnyx_base_url).rstrip("/"),
-            headers={
-                "Authorization": f"Bearer {settings.telnyx_api_key.get_secret_value()}",
-                "Accept": "application/json",
-            },
-            timeout=httpx.Timeout(
-                settings.telnyx_timeout, connect=min(3.0, settings.telnyx_timeout)
-            ),
-            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-        )
+        # Headroom over the sends in flight: turns are even, finishing times are not.
+        connections = max_connections or max(16, settings.send_concurrency * 3 // 2)
+        per_client = min(CONNECTIONS_PER_CLIENT, connections)
+        shards = -(-connections // per_client)
+        self._clients = [
+            httpx.AsyncClient(
+                base_url=str(settings.telnyx_base_url).rstrip("/"),
+                headers={
+                    "Authorization": f"Bearer {settings.telnyx_api_key.get_secret_value()}",
+                    "Accept": "application/json",
+                },
+                timeout=httpx.Timeout(
+                    settings.telnyx_timeout, connect=min(3.0, settings.telnyx_timeout)
+                ),
+                # Idle connections are dropped before a server's usual 5 s keep-alive ends,
+                # so a send is not written to a socket the server is closing (an
+                # ambiguous ReadError instead of a clean answer).
+                limits=httpx.Limits(
+                    max_connections=per_client,
+                    max_keepalive_connections=per_client,
+                    keepalive_expiry=3.0,
+                ),
+            )
+            for _ in range(shards)
+        ]
+        self._turn = itertools.cycle(self._clients)
+
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        return next(self._turn)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        for client in self._clients:
+            await client.aclose()
 
     async def send_message(
         self,
