@@ -25,6 +25,9 @@ class SandboxConfig:
     delivery_delay_ms: int = 20
     timeout_hold_seconds: float = 30.0  # how long a `timeout_rate` fault holds the answer
     seed: int | None = None  # seeds fault decisions, for reproducible runs
+    # Off: accept texts without sending receipts (a benchmark of the sender alone, when
+    # the provider's webhook traffic would otherwise share the machine).
+    telnyx_receipts: bool = True
 
     @classmethod
     def from_env(cls) -> SandboxConfig:
@@ -40,6 +43,8 @@ class SandboxConfig:
             delivery_delay_ms=int(env.get("SANDBOX_DELIVERY_DELAY_MS", "20")),
             seed=int(env["SANDBOX_SEED"]) if env.get("SANDBOX_SEED") else None,
             timeout_hold_seconds=float(env.get("SANDBOX_TIMEOUT_HOLD_SECONDS", "30")),
+            telnyx_receipts=env.get("SANDBOX_TELNYX_RECEIPTS", "on").lower()
+            not in ("0", "off", "false", "no"),
         )
 
 

@@ -167,7 +167,8 @@ async def send_message(request: Request) -> JSONResponse:
         "errors": [],
     }
     state.telnyx_messages.append(message)
-    state.spawn(_receipts(request, message, _receipt_urls(state, body, sender)))
+    if state.config.telnyx_receipts:
+        state.spawn(_receipts(request, message, _receipt_urls(state, body, sender)))
     await maybe_hang(state)  # accepted, but the answer may never come: ambiguous
     return JSONResponse({"data": message})
 
