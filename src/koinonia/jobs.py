@@ -115,6 +115,11 @@ async def raw_connection(session: AsyncSession) -> Any:
     return raw.driver_connection
 
 
+def _set_options(**options: Any) -> dict[str, Any]:
+    """Procrastinate's configure options that were given (`None` means its default)."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 async def defer_in_transaction(
     app: App,
     session: AsyncSession,
@@ -128,15 +133,14 @@ async def defer_in_transaction(
     **task_kwargs: Any,
 ) -> int:
     """Defer a job inside the session's transaction; it exists only if that commits."""
-    options: dict[str, Any] = {"connection": await raw_connection(session), "priority": priority}
-    if queue is not None:
-        options["queue"] = queue
-    if lock is not None:
-        options["lock"] = lock
-    if queueing_lock is not None:
-        options["queueing_lock"] = queueing_lock
-    if schedule_at is not None:
-        options["schedule_at"] = schedule_at
+    options = _set_options(
+        connection=await raw_connection(session),
+        priority=priority,
+        queue=queue,
+        lock=lock,
+        queueing_lock=queueing_lock,
+        schedule_at=schedule_at,
+    )
     job_id: int = await app.configure_task(task_name, **options).defer_async(**task_kwargs)
     return job_id
 
@@ -156,13 +160,7 @@ async def defer_many_in_transaction(
     if not jobs:
         return
     connection = await raw_connection(session)
-    options: dict[str, Any] = {"connection": connection}
-    if queue is not None:
-        options["queue"] = queue
-    if lock is not None:
-        options["lock"] = lock
-    if schedule_at is not None:
-        options["schedule_at"] = schedule_at
+    options = _set_options(connection=connection, queue=queue, lock=lock, schedule_at=schedule_at)
     deferrer = app.configure_task(task_name, **options)
     batch = [deferrer.make_new_job(**kwargs).evolve(priority=p) for p, kwargs in jobs]
     await deferrer.job_manager.batch_defer_jobs_async(jobs=batch, connection=connection)
@@ -184,11 +182,7 @@ async def defer(
     opened; `app.configure_task` would defer through it, so the deferrer is built on
     `app`'s job manager instead.
     """
-    options: dict[str, Any] = {"priority": priority}
-    if queue is not None:
-        options["queue"] = queue
-    if lock is not None:
-        options["lock"] = lock
+    options = _set_options(priority=priority, queue=queue, lock=lock)
     if schedule_in_seconds is not None and schedule_in_seconds > 0:
         options["schedule_in"] = {"seconds": round(schedule_in_seconds, 3)}
     deferrer = procrastinate_tasks.configure_task(
