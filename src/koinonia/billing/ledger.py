@@ -157,17 +157,22 @@ async def debit(
     return outcome.value, outcome.retries
 
 
-async def credit(
-    session: AsyncSession, church_id: uuid.UUID, segments: int, reference: str
-) -> None:
-    """Give back a debit (a broadcast cancelled before sending), once per reference."""
-    debited = await session.scalar(
+async def _debit(session: AsyncSession, church_id: uuid.UUID, reference: str) -> LedgerEntry | None:
+    found: LedgerEntry | None = await session.scalar(
         select(LedgerEntry).where(
             LedgerEntry.church_id == church_id,
             LedgerEntry.kind == "debit",
             LedgerEntry.reference == reference,
         )
     )
+    return found
+
+
+async def credit(
+    session: AsyncSession, church_id: uuid.UUID, segments: int, reference: str
+) -> None:
+    """Give back a debit (a broadcast cancelled before sending), once per reference."""
+    debited = await _debit(session, church_id, reference)
     if debited is None:
         return
     await session.execute(
@@ -193,13 +198,7 @@ async def refund(
 ) -> None:
     """Give back part of a debit under a reference of its own (a broadcast refunds what
     it did not send, batch by batch); never more than was debited, in the debit's period."""
-    debited = await session.scalar(
-        select(LedgerEntry).where(
-            LedgerEntry.church_id == church_id,
-            LedgerEntry.kind == "debit",
-            LedgerEntry.reference == debit_reference,
-        )
-    )
+    debited = await _debit(session, church_id, debit_reference)
     if debited is None:
         return
     refunded = await session.scalar(
