@@ -21,11 +21,11 @@ from sqlalchemy import text
 
 from koinonia.conversations.sending import defer_again
 from koinonia.db import Database
-from koinonia.deadletters import service as dead_letters
 from koinonia.messaging import receipts
 from koinonia.messaging.broadcasts import defer_batch_of
 from koinonia.messaging.counters import apply_transitions
 from koinonia.messaging.delivery import SendContext
+from koinonia.messaging.replay import record_failed_send
 from koinonia.telnyx.client import TelnyxError
 
 log = structlog.get_logger(__name__)
@@ -111,15 +111,12 @@ async def reconcile(
                 session, [(m, "sending", "failed", n) for m, n in tally.items()]
             )
             for row in give_up:
-                await dead_letters.record(
+                await record_failed_send(
                     session,
-                    kind="sms.send",
                     church_id=row.church_id,
-                    payload={
-                        "message_id": str(row.message_id),
-                        "created_at": row.created_at.isoformat(),
-                        "recipient_id": row.id,
-                    },
+                    message_id=row.message_id,
+                    created_at=row.created_at,
+                    recipient_id=row.id,
                     error="sent without an answer or a receipt; resending could text twice",
                     error_code="unconfirmed",
                     attempts=row.attempts,

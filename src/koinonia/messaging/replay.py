@@ -14,12 +14,40 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from koinonia.billing import ledger
+from koinonia.deadletters import service as dead_letters
 from koinonia.deadletters.registry import ReplayContext, replayer
 from koinonia.deadletters.tables import DeadLetter
 from koinonia.errors import ConflictError
 from koinonia.messaging.broadcasts import defer_batch_of
 from koinonia.messaging.counters import apply_transitions
 from koinonia.messaging.tables import Message
+
+
+async def record_failed_send(
+    session: AsyncSession,
+    *,
+    church_id: uuid.UUID,
+    message_id: uuid.UUID,
+    created_at: datetime,
+    recipient_id: int,
+    error: str,
+    error_code: str | None,
+    attempts: int,
+) -> None:
+    """Dead-letter one broadcast recipient (what `replay_send` reads back)."""
+    await dead_letters.record(
+        session,
+        kind="sms.send",
+        church_id=church_id,
+        payload={
+            "message_id": str(message_id),
+            "created_at": created_at.isoformat(),
+            "recipient_id": recipient_id,
+        },
+        error=error,
+        error_code=error_code,
+        attempts=attempts,
+    )
 
 
 @replayer("sms.send")

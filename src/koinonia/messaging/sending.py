@@ -28,12 +28,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from koinonia.accounts.tables import Church
 from koinonia.db import Database
-from koinonia.deadletters import service as dead_letters
 from koinonia.jobs import defer
 from koinonia.messaging import refs
 from koinonia.messaging.broadcasts import BATCH_TASK, SEND_QUEUE, refund
 from koinonia.messaging.counters import apply_transitions
 from koinonia.messaging.delivery import Result, SendContext, attempt, report_to_breaker
+from koinonia.messaging.replay import record_failed_send
 from koinonia.messaging.tables import Message
 from koinonia.retry import in_transaction
 from koinonia.templates.rendering import render
@@ -303,15 +303,12 @@ async def _write_back_in(
         await _opt_out(session, opted_out)
     for result in results:
         if result.exhausted and result.row_id in applied:
-            await dead_letters.record(
+            await record_failed_send(
                 session,
-                kind="sms.send",
                 church_id=message.church_id,
-                payload={
-                    "message_id": str(message.id),
-                    "created_at": message.created_at.isoformat(),
-                    "recipient_id": result.row_id,
-                },
+                message_id=message.id,
+                created_at=message.created_at,
+                recipient_id=result.row_id,
                 error=result.error_detail or "send failed",
                 error_code=result.error_code,
                 attempts=attempts[result.row_id],
