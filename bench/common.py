@@ -55,3 +55,69 @@ def settings_for(url: str, **overrides: Any) -> Any:
     return load_settings(
         KOINONIA_ENV="development", database_url=url, log_level="WARNING", **overrides
     )
+
+
+def phone_of(i: int, area: str) -> str:
+    """Distinct valid-looking US numbers: exchange 200+, line 1000-9999 (never the
+    0000/0001/0002 endings the sandbox refuses)."""
+    return f"+1{area}{200 + i // 9000}{1000 + i % 9000:04d}"
+
+
+async def give_number(
+    database: Any, settings: Any, church_id: uuid.UUID, number: str, segments: int
+) -> None:
+    """An assigned sending number (as provisioning leaves it) and a segment grant."""
+    from sqlalchemy import update
+
+    from koinonia.accounts.tables import Church
+    from koinonia.billing import ledger
+
+    async with database.unit_of_work() as session:
+        await session.execute(
+            update(Church)
+            .where(Church.id == church_id)
+            .values(phone_number=number, number_status="assigned")
+        )
+        subscription = await ledger.ensure_subscription(session, settings, church_id)
+        await ledger.grant(session, church_id, subscription.period_start, segments, "bench-grant")
+
+
+def copy_members(url: str, settings: Any, church_id: uuid.UUID, phones: list[str]) -> uuid.UUID:
+    """Members with `phones` (encrypted as the app does) COPYed into a new group, then
+    ANALYZE; answers the group id."""
+    from koinonia.members.crypto import ContactCipher
+
+    cipher = ContactCipher.from_settings(settings)
+    group_id = uuid.uuid4()
+    with psycopg.connect(plain_url(url)) as connection:
+        connection.execute(
+            "INSERT INTO groups (id, church_id, name) VALUES (%s, %s, %s)",
+            (group_id, church_id, "bench"),
+        )
+        with (
+            connection.cursor() as cursor,
+            cursor.copy(
+                "COPY members (id, church_id, first_name, last_name, phone_ct, phone_hash) "
+                "FROM STDIN"
+            ) as copy,
+        ):
+            for i, phone in enumerate(phones):
+                copy.write_row(
+                    (
+                        uuid.uuid4(),
+                        church_id,
+                        f"Member{i}",
+                        "Bench",
+                        cipher.encrypt(phone, church_id),
+                        cipher.phone_hash(phone, church_id),
+                    )
+                )
+        connection.execute(
+            "INSERT INTO group_members (group_id, member_id) "
+            "SELECT %s, id FROM members WHERE church_id = %s",
+            (group_id, church_id),
+        )
+    with psycopg.connect(plain_url(url), autocommit=True) as connection:
+        connection.execute("ANALYZE members")
+        connection.execute("ANALYZE group_members")
+    return group_id

@@ -46,7 +46,14 @@ import httpx
 import psycopg
 from redis import Redis
 
-from bench.common import plain_url, scratch_database, settings_for
+from bench.common import (
+    copy_members,
+    give_number,
+    phone_of,
+    plain_url,
+    scratch_database,
+    settings_for,
+)
 
 TARGET = 3.0  # fan-out / raw INSERT … SELECT
 REDIS_URL = "redis://127.0.0.1:6379/14"  # tests use 15, bench.send_throughput 13
@@ -63,11 +70,6 @@ FROM group_members gm JOIN members m ON m.id = gm.member_id
 WHERE gm.group_id = %(group_id)s AND m.church_id = %(church_id)s
   AND m.deleted_at IS NULL AND NOT m.opted_out
 """
-
-
-def phone_of(i: int) -> str:
-    """Distinct, valid-looking US numbers: exchange 200+, line 1000-9999."""
-    return f"+1{AREA}{200 + i // 9000}{1000 + i % 9000:04d}"
 
 
 def median(values: list[float]) -> float:
@@ -114,66 +116,6 @@ def instrument(engine: Any, breakdown: Breakdown) -> None:
 
 
 # --- setup ------------------------------------------------------------------------------
-
-
-async def give_number(database: Any, settings: Any, church_id: uuid.UUID, segments: int) -> None:
-    """An assigned sending number (as provisioning leaves it) and a segment grant."""
-    from sqlalchemy import update
-
-    from koinonia.accounts.tables import Church
-    from koinonia.billing import ledger
-
-    async with database.unit_of_work() as session:
-        await session.execute(
-            update(Church)
-            .where(Church.id == church_id)
-            .values(phone_number="+12025550142", number_status="assigned")
-        )
-        subscription = await ledger.ensure_subscription(session, settings, church_id)
-        await ledger.grant(session, church_id, subscription.period_start, segments, "bench-grant")
-
-
-async def copy_members(url: str, settings: Any, church_id: uuid.UUID, count: int) -> uuid.UUID:
-    """`count` members in a new group, COPYed straight into the database, then ANALYZE."""
-    from koinonia.members.crypto import ContactCipher
-
-    cipher = ContactCipher.from_settings(settings)
-    group_id = uuid.uuid4()
-    async with await psycopg.AsyncConnection.connect(plain_url(url)) as connection:
-        await connection.execute(
-            "INSERT INTO groups (id, church_id, name) VALUES (%s, %s, %s)",
-            (group_id, church_id, "bench fan-out"),
-        )
-        async with (
-            connection.cursor() as cursor,
-            cursor.copy(
-                "COPY members (id, church_id, first_name, last_name, phone_ct, phone_hash) "
-                "FROM STDIN"
-            ) as copy,
-        ):
-            for i in range(count):
-                phone = phone_of(i)
-                await copy.write_row(
-                    (
-                        uuid.uuid4(),
-                        church_id,
-                        f"Member{i}",
-                        "Bench",
-                        cipher.encrypt(phone, church_id),
-                        cipher.phone_hash(phone, church_id),
-                    )
-                )
-        await connection.execute(
-            "INSERT INTO group_members (group_id, member_id) "
-            "SELECT %s, id FROM members WHERE church_id = %s",
-            (group_id, church_id),
-        )
-        await connection.commit()
-    async with await psycopg.AsyncConnection.connect(plain_url(url), autocommit=True) as c:
-        await c.execute("ANALYZE members")
-        await c.execute("ANALYZE group_members")
-        await c.execute("ANALYZE message_recipients")
-    return group_id
 
 
 async def stat_statements(url: str) -> bool:
@@ -401,8 +343,18 @@ async def run(url: str, args: argparse.Namespace) -> Results:
         church_id = uuid.UUID(registered.json()["church"]["id"])
         headers = {"Authorization": f"Bearer {registered.json()['access_token']}"}
         total_runs = args.runs + args.warmup
-        await give_number(app.state.database, settings, church_id, args.members * total_runs * 2)
-        group_id = await copy_members(url, settings, church_id, args.members)
+        await give_number(
+            app.state.database,
+            settings,
+            church_id,
+            "+12025550142",
+            args.members * total_runs * 2,
+        )
+        group_id = copy_members(
+            url, settings, church_id, [phone_of(i, AREA) for i in range(args.members)]
+        )
+        async with await psycopg.AsyncConnection.connect(plain_url(url), autocommit=True) as c:
+            await c.execute("ANALYZE message_recipients")
         shared = Shared(url, church_id, group_id, args.members, settings.dispatch_batch_size)
         breakdown = Breakdown()
         instrument(app.state.database.engine, breakdown)

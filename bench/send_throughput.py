@@ -61,7 +61,14 @@ import httpx
 import psycopg
 from redis import Redis
 
-from bench.common import plain_url, scratch_database, settings_for
+from bench.common import (
+    copy_members,
+    give_number,
+    phone_of,
+    plain_url,
+    scratch_database,
+    settings_for,
+)
 from koinonia.telnyx.client import CONNECTIONS_PER_CLIENT
 
 TARGET = 1_000.0  # SMS/s per worker process
@@ -84,11 +91,6 @@ def public_key() -> str:
     from koinonia.sandbox.signing import load_telnyx_key, public_key_b64
 
     return public_key_b64(load_telnyx_key(SANDBOX_SEED))
-
-
-def phone_of(i: int) -> str:
-    # Never ends in 0000/0001, which the sandbox refuses (opted out / landline).
-    return f"+1{AREA}{200 + i // 9000}{1000 + i % 9000:04d}"
 
 
 # --- processes --------------------------------------------------------------------------
@@ -233,71 +235,14 @@ def cpu_report(before: CpuSnapshot, after: CpuSnapshot, roles: dict[int, str]) -
 # --- setup ------------------------------------------------------------------------------
 
 
-async def give_number(url: str, church_id: uuid.UUID, segments: int) -> str:
-    """An assigned sending number (as provisioning leaves it) and a segment grant."""
-    from sqlalchemy import update
-
-    from koinonia.accounts.tables import Church
-    from koinonia.billing import ledger
+async def given_number(settings: Any, church_id: uuid.UUID, segments: int) -> None:
     from koinonia.db import Database
 
-    settings = settings_for(url, redis_url=REDIS_URL)
     database = Database(settings)
-    number = "+12025550199"
     try:
-        async with database.unit_of_work() as session:
-            await session.execute(
-                update(Church)
-                .where(Church.id == church_id)
-                .values(phone_number=number, number_status="assigned")
-            )
-            subscription = await ledger.ensure_subscription(session, settings, church_id)
-            await ledger.grant(
-                session, church_id, subscription.period_start, segments, "bench-grant"
-            )
+        await give_number(database, settings, church_id, "+12025550199", segments)
     finally:
         await database.dispose()
-    return number
-
-
-def copy_members(url: str, church_id: uuid.UUID, count: int) -> tuple[uuid.UUID, set[str]]:
-    """`count` members in a new group, COPYed straight into the database."""
-    from koinonia.members.crypto import ContactCipher
-
-    cipher = ContactCipher.from_settings(settings_for(url))
-    group_id = uuid.uuid4()
-    phones = [phone_of(i) for i in range(count)]
-    with psycopg.connect(plain_url(url)) as connection:
-        connection.execute(
-            "INSERT INTO groups (id, church_id, name) VALUES (%s, %s, %s)",
-            (group_id, church_id, "bench"),
-        )
-        with (
-            connection.cursor() as cursor,
-            cursor.copy(
-                "COPY members (id, church_id, first_name, last_name, phone_ct, phone_hash) "
-                "FROM STDIN"
-            ) as copy,
-        ):
-            for i, phone in enumerate(phones):
-                copy.write_row(
-                    (
-                        uuid.uuid4(),
-                        church_id,
-                        f"Member{i}",
-                        "Bench",
-                        cipher.encrypt(phone, church_id),
-                        cipher.phone_hash(phone, church_id),
-                    )
-                )
-        connection.execute(
-            "INSERT INTO group_members (group_id, member_id) "
-            "SELECT %s, id FROM members WHERE church_id = %s",
-            (group_id, church_id),
-        )
-        connection.execute("ANALYZE members")
-        connection.execute("ANALYZE group_members")
-    return group_id, set(phones)
 
 
 # --- the baseline -----------------------------------------------------------------------
@@ -700,8 +645,11 @@ def main() -> None:
         token = str(registered.json()["access_token"])
         plan = [(s, w) for s in args.send_concurrency for w in args.worker_concurrency]
         most_runs = len(plan) + len(args.escalate)
-        asyncio.run(give_number(url, church_id, count * 2 * most_runs))
-        group_id, phones = copy_members(url, church_id, count)
+        settings = settings_for(url, redis_url=REDIS_URL)
+        asyncio.run(given_number(settings, church_id, count * 2 * most_runs))
+        phone_list = [phone_of(i, AREA) for i in range(count)]
+        group_id = copy_members(url, settings, church_id, phone_list)
+        phones = set(phone_list)
         print(
             f"setup (not timed): church, number, {count:,} members "
             f"in {time.perf_counter() - started:.1f} s"
