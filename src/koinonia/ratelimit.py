@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -80,17 +81,21 @@ class Decision:
         return headers
 
 
-def gcra(tat: float, now: float, policy: Policy) -> tuple[Decision, float]:
-    """The pure algorithm (the Lua script mirrors it): returns the decision and new TAT."""
+def gcra(tat: int, now: int, policy: Policy) -> tuple[Decision, int]:
+    """The pure algorithm (the Lua script mirrors it): returns the decision and new TAT.
+
+    Times are integer milliseconds, as in the script: with floats `(now + interval) - now`
+    can exceed `interval` by rounding, which refused a first request at `burst=1`.
+    """
     interval = policy.interval_ms
     tolerance = interval * policy.burst
     tat = max(tat, now)
     new_tat = tat + interval
     if new_tat - now > tolerance:
         retry = new_tat - tolerance - now
-        return Decision(False, policy.burst, 0, int(retry), int(tat - now)), tat
-    remaining = math.floor((tolerance - (new_tat - now)) / interval)
-    return Decision(True, policy.burst, remaining, 0, int(new_tat - now)), new_tat
+        return Decision(False, policy.burst, 0, retry, tat - now), tat
+    remaining = (tolerance - (new_tat - now)) // interval
+    return Decision(True, policy.burst, remaining, 0, new_tat - now), new_tat
 
 
 class InProcessLimiter:
@@ -98,11 +103,12 @@ class InProcessLimiter:
 
     MAX_KEYS = 100_000
 
-    def __init__(self) -> None:
-        self._tats: dict[str, float] = {}
+    def __init__(self, clock_ms: Callable[[], int] | None = None) -> None:
+        self._tats: dict[str, int] = {}
+        self._clock_ms = clock_ms or (lambda: time.monotonic_ns() // 1_000_000)
 
     def hit(self, key: str, policy: Policy) -> Decision:
-        now = time.monotonic() * 1000
+        now = self._clock_ms()
         if len(self._tats) >= self.MAX_KEYS:
             self._tats = {k: v for k, v in self._tats.items() if v > now}
         decision, tat = gcra(self._tats.get(key, now), now, policy)

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client import REGISTRY
 
 from koinonia.app import create_app
@@ -41,7 +42,7 @@ async def strict_client(
 
 def test_gcra_allows_burst_then_sustained_rate() -> None:
     policy = Policy("t", per_minute=60, burst=5)  # one per second, burst of 5
-    tat, now = 0.0, 1_000_000.0
+    tat, now = 0, 1_000_000
     decisions = []
     for _ in range(6):
         decision, tat = gcra(tat, now, policy)
@@ -60,6 +61,19 @@ def test_in_process_limiter_is_per_key() -> None:
     assert limiter.hit("a", policy).allowed
     assert not limiter.hit("a", policy).allowed
     assert limiter.hit("b", policy).allowed
+
+
+@pytest.mark.parametrize("start_ms", [0, 1, 999, 123_456_789, 2**41 + 7, 10**15 + 3])
+def test_in_process_limiter_is_exact_at_any_clock_value(start_ms: int) -> None:
+    clock = [start_ms]
+    limiter = InProcessLimiter(clock_ms=lambda: clock[0])
+    policy = Policy("t", per_minute=60, burst=1)  # one per 1,000 ms
+    assert limiter.hit("a", policy).allowed
+    assert not limiter.hit("a", policy).allowed
+    clock[0] += 999
+    assert not limiter.hit("a", policy).allowed
+    clock[0] += 1
+    assert limiter.hit("a", policy).allowed
 
 
 async def test_burst_gets_429_with_headers(settings: Settings, redis: Any) -> None:
