@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import time
 import uuid
@@ -76,7 +77,13 @@ async def give_number(
         await session.execute(
             update(Church)
             .where(Church.id == church_id)
-            .values(phone_number=number, number_status="assigned")
+            # The bench runs at any hour: a window open all day (start == end).
+            .values(
+                phone_number=number,
+                number_status="assigned",
+                send_window_start=dt.time(0, 0),
+                send_window_end=dt.time(0, 0),
+            )
         )
         subscription = await ledger.ensure_subscription(session, settings, church_id)
         await ledger.grant(session, church_id, subscription.period_start, segments, "bench-grant")

@@ -116,6 +116,7 @@ def settings(database_name: str, sandbox_port: int, api_port: int) -> Settings:
         telnyx_public_key=telnyx_test_public_key(),
         public_base_url=f"http://127.0.0.1:{api_port}",
         sends_per_second_per_number=2000,
+        telnyx_account_sends_per_second=2000,
     )
 
 

@@ -78,7 +78,11 @@ def feature_routers() -> list[APIRouter]:
 # Features that own process-wide resources (HTTP clients, health checks) list a module
 # exposing `lifespan(app) -> AsyncContextManager[None]` here; each runs after the core
 # resources exist (app.state.database, .redis, .health_checks) and may append to them.
-FEATURE_LIFESPANS: list[str] = ["koinonia.billing.gateway", "koinonia.telnyx.gateway"]
+FEATURE_LIFESPANS: list[str] = [
+    "koinonia.billing.gateway",
+    "koinonia.telnyx.gateway",
+    "koinonia.messaging.monitoring",
+]
 
 
 @asynccontextmanager
@@ -100,6 +104,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     app.state.replicas = replicas
     await replicas.start()
+    app.state.metrics_refreshers = []
     app.state.health_checks = [
         database_check(database),
         redis_check(redis),

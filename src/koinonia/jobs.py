@@ -10,21 +10,29 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import AsyncIterator, Sequence
+import random
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import structlog
 from procrastinate import App, Blueprint, PsycopgConnector
 from procrastinate import tasks as procrastinate_tasks
+from procrastinate.jobs import Job
+from procrastinate.retry import BaseRetryStrategy, RetryDecision
+from prometheus_client import Counter
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from koinonia.db import Database
 from koinonia.redis import create_redis
+from koinonia.retry import is_transient_db_error
 from koinonia.settings import Settings
 from koinonia.telnyx.client import TelnyxClient
+
+log = structlog.get_logger(__name__)
 
 # Modules that expose `blueprint: procrastinate.Blueprint`; features append themselves here.
 BLUEPRINT_MODULES: list[str] = [
@@ -34,6 +42,55 @@ BLUEPRINT_MODULES: list[str] = [
     "koinonia.numbers.jobs",
     "koinonia.deadletters.jobs",
 ]
+
+
+JOB_GAVE_UP = Counter(
+    "koinonia_job_failures_total",
+    "Jobs that failed for good after their retries, by task (the sweeper re-defers "
+    "broadcast work left behind)",
+    ["task"],
+)
+
+
+class JobRetry(BaseRetryStrategy):
+    """Every job kind's retry policy: transient database errors (however wrapped: a
+    restart, a refused connection, a serialization failure) are retried with exponential
+    backoff for minutes; anything else a few times.
+
+    A retried job gets a lock of its own: waiting for its retry while holding its
+    church's lock would block the church's other sends (procrastinate #1599).
+    """
+
+    def __init__(self, transient_attempts: int = 12, other_attempts: int = 3) -> None:
+        self.transient_attempts = transient_attempts
+        self.other_attempts = other_attempts
+
+    def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision | None:
+        transient = is_transient_db_error(exception)
+        limit = self.transient_attempts if transient else self.other_attempts
+        if job.attempts >= limit:
+            JOB_GAVE_UP.labels(job.task_name).inc()
+            log.error(
+                "job_failed_for_good",
+                task=job.task_name,
+                attempts=job.attempts,
+                error=type(exception).__name__,
+                transient=transient,
+            )
+            return None
+        wait = min(60.0, 0.5 * 2**job.attempts) * (0.5 + random.random() / 2)  # noqa: S311
+        log.warning(
+            "job_retry_scheduled",
+            task=job.task_name,
+            attempt=job.attempts + 1,
+            error=type(exception).__name__,
+            wait_seconds=round(wait, 2),
+        )
+        lock = f"retry:{job.id}" if job.lock else None
+        return RetryDecision(retry_in={"seconds": round(wait, 3)}, lock=lock)
+
+
+JOB_RETRY = JobRetry()
 
 
 @dataclass
@@ -154,6 +211,7 @@ async def defer_many_in_transaction(
     queue: str | None = None,
     lock: str | None = None,
     schedule_at: datetime | None = None,
+    queueing_lock_of: Callable[[dict[str, Any]], str] | None = None,
 ) -> None:
     """Defer many jobs of one task, each `(priority, kwargs)`, in one round trip inside
     the session's transaction (a 100,000-recipient broadcast has 100 batch jobs)."""
@@ -162,7 +220,12 @@ async def defer_many_in_transaction(
     connection = await raw_connection(session)
     options = _set_options(connection=connection, queue=queue, lock=lock, schedule_at=schedule_at)
     deferrer = app.configure_task(task_name, **options)
-    batch = [deferrer.make_new_job(**kwargs).evolve(priority=p) for p, kwargs in jobs]
+    batch = [
+        deferrer.make_new_job(**kwargs).evolve(
+            priority=p, queueing_lock=queueing_lock_of(kwargs) if queueing_lock_of else None
+        )
+        for p, kwargs in jobs
+    ]
     await deferrer.job_manager.batch_defer_jobs_async(jobs=batch, connection=connection)
 
 
@@ -173,6 +236,7 @@ async def defer(
     queue: str | None = None,
     priority: int = 0,
     lock: str | None = None,
+    queueing_lock: str | None = None,
     schedule_in_seconds: float | None = None,
     **task_kwargs: Any,
 ) -> int:
@@ -182,7 +246,7 @@ async def defer(
     opened; `app.configure_task` would defer through it, so the deferrer is built on
     `app`'s job manager instead.
     """
-    options = _set_options(priority=priority, queue=queue, lock=lock)
+    options = _set_options(priority=priority, queue=queue, lock=lock, queueing_lock=queueing_lock)
     if schedule_in_seconds is not None and schedule_in_seconds > 0:
         options["schedule_in"] = {"seconds": round(schedule_in_seconds, 3)}
     deferrer = procrastinate_tasks.configure_task(

@@ -16,6 +16,7 @@ TABLE_MODULES: list[str] = [
     "koinonia.billing.tables",
     "koinonia.messaging.tables",
     "koinonia.conversations.tables",
+    "koinonia.messaging.suppression_tables",
 ]
 
 

@@ -7,9 +7,12 @@ workers behind and uvicorn offers no hook to clean them.
 
 from __future__ import annotations
 
+import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
+
+log = structlog.get_logger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 
@@ -38,5 +41,12 @@ RETRIES = Counter(
 )
 
 
-async def metrics_endpoint(_: Request) -> Response:
+async def metrics_endpoint(request: Request) -> Response:
+    # Gauges computed from the database (sending pauses, stalled broadcasts) are refreshed
+    # on scrape; a failing refresher leaves its last values and never fails the scrape.
+    for refresh in getattr(request.app.state, "metrics_refreshers", []):
+        try:
+            await refresh()
+        except Exception as error:
+            log.warning("metrics_refresh_failed", error=type(error).__name__)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -57,6 +57,22 @@ def _normalise_database_url(value: str, name: str) -> str:
     return f"postgresql+psycopg://{rest}"
 
 
+def parse_rate_overrides(value: str) -> dict[str, float]:
+    rates: dict[str, float] = {}
+    for entry in filter(None, (e.strip() for e in value.split(","))):
+        number, sep, rate = entry.rpartition(":")
+        if not sep or not re.fullmatch(r"\+[1-9][0-9]{7,14}", number):
+            raise ValueError(f"expected +E164:rate entries, got {entry[:40]!r}")
+        try:
+            per_second = float(rate)
+        except ValueError:
+            raise ValueError(f"not a rate: {rate[:20]!r}") from None
+        if not per_second > 0:
+            raise ValueError("rates must be above 0")
+        rates[number] = per_second
+    return rates
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_file=".env",
@@ -134,6 +150,16 @@ class Settings(BaseSettings):
     telnyx_timeout: float = Field(10.0, gt=0)
     telnyx_messaging_profile_id: str | None = None
     sends_per_second_per_number: float = Field(50.0, gt=0)
+    # Telnyx limits the whole account (50 SMS/s by default) across every church.
+    telnyx_account_sends_per_second: float = Field(50.0, gt=0)
+    # Per-number rates from the number's type or 10DLC campaign: "+12025550100:4,…".
+    send_rate_overrides: str = ""
+    # An in-doubt or `sent` row without a final receipt is looked up after this long; a
+    # row still without a final state this long after sending settles as `unconfirmed`.
+    send_settle_after_seconds: float = Field(3600.0, gt=0)
+    send_unconfirmed_after_seconds: float = Field(86400.0, gt=0)
+    # A broadcast with work left and no progress for this long is counted and logged.
+    broadcast_stall_seconds: float = Field(600.0, gt=0)
     send_concurrency: int = Field(64, ge=1, le=1024)
     telnyx_max_retries: int = Field(3, ge=0, le=10)
     # Recipients per dispatch job (DESIGN: at most 1,000).
@@ -145,6 +171,9 @@ class Settings(BaseSettings):
     # continuation is deferred while the slice still holds its church's lock, so the
     # NOTIFY finds it locked; it starts at the next poll (procrastinate's default is 5 s).
     worker_poll_seconds: float = Field(0.25, gt=0, le=30)
+    # A worker whose database stays unreachable this long exits non-zero (its supervisor
+    # restarts it) instead of idling; shorter outages are ridden out by reconnecting.
+    worker_db_grace_seconds: float = Field(120.0, gt=0)
     # An ambiguous send (timeout or 5xx after the request left) is settled by its receipt;
     # with no receipt after this long it was not accepted and is sent again.
     send_reconcile_after_seconds: float = Field(300.0, gt=0)
@@ -259,6 +288,16 @@ class Settings(BaseSettings):
         if rate is not None and value < rate:
             raise ValueError("must be >= RATE_LIMIT_PER_MINUTE")
         return value
+
+    @field_validator("send_rate_overrides")
+    @classmethod
+    def _rate_overrides(cls, value: str) -> str:
+        parse_rate_overrides(value)
+        return value
+
+    @property
+    def rate_overrides(self) -> dict[str, float]:
+        return parse_rate_overrides(self.send_rate_overrides)
 
     @model_validator(mode="after")
     def _lease_outlives_a_send(self) -> Settings:

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import time
 from typing import Any
 
 import httpx
@@ -38,13 +39,19 @@ class SendingChurch:
 
 
 async def give_number(app: FastAPI, settings: Settings, church_id: str, segments: int) -> str:
-    """An assigned sending number (as provisioning leaves it) and a segment grant."""
+    """An assigned sending number (as provisioning leaves it), a segment grant, and a
+    sending window open all day (tests run at any hour; the window has its own tests)."""
     number = f"+1202555{next(_numbers):04d}"
     async with app.state.database.unit_of_work() as session:
         await session.execute(
             update(Church)
             .where(Church.id == uuid.UUID(church_id))
-            .values(phone_number=number, number_status="assigned")
+            .values(
+                phone_number=number,
+                number_status="assigned",
+                send_window_start=time(0, 0),
+                send_window_end=time(0, 0),
+            )
         )
         subscription = await ledger.ensure_subscription(session, settings, uuid.UUID(church_id))
         await ledger.grant(

@@ -164,6 +164,8 @@ async def me(principal: CurrentPrincipal, session: DbSession) -> MeOut:
 
 @church.patch("", responses=MANAGED)
 async def update_church(body: ChurchUpdate, principal: Manager, session: DbSession) -> ChurchOut:
+    """Change the church profile (owner, admin): name, IANA time zone, default region, HELP
+    text and the sending window (`send_window_start`/`send_window_end`, local "HH:MM")."""
     row = await session.get(Church, principal.church_id)
     if row is None:
         raise AuthenticationError()

@@ -2,24 +2,61 @@
 
 from __future__ import annotations
 
+import re
 import uuid
+from datetime import time
+from functools import cache
 from typing import Annotated, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import available_timezones
 
-from pydantic import AfterValidator, EmailStr, Field
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    EmailStr,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+)
 
 from koinonia.http.schemas import RequestModel, ResponseModel, Timestamp
 
 
+@cache
+def _iana_zones() -> frozenset[str]:
+    # What zoneinfo can load, less the files that are not zones of the IANA database
+    # (`ZoneInfo` itself also loads "localtime", "posixrules", "right/UTC", ...).
+    return frozenset(available_timezones()) - {"Factory", "localtime", "posixrules"}
+
+
 def _known_timezone(value: str) -> str:
-    try:
-        ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError("not a known IANA time zone, e.g. America/Chicago") from None
+    if value not in _iana_zones():
+        raise ValueError("not a known IANA time zone, e.g. America/Chicago")
     return value
 
 
 TimeZoneName = Annotated[str, Field(max_length=64), AfterValidator(_known_timezone)]
+
+_HH_MM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
+_HH_MM_SCHEMA = WithJsonSchema(
+    {"type": "string", "pattern": f"^{_HH_MM.pattern}$", "examples": ["08:00"]}
+)
+
+
+def _time_of_day(value: object) -> time:
+    match = _HH_MM.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError("must be a time of day as HH:MM on the 24-hour clock, e.g. 08:00")
+    return time(int(match[1]), int(match[2]))
+
+
+def _hh_mm(value: time) -> str:
+    return value.strftime("%H:%M")
+
+
+# A local time of day given as "HH:MM" (request) and shown as "HH:MM" (answer).
+TimeOfDay = Annotated[time, BeforeValidator(_time_of_day), _HH_MM_SCHEMA]
+TimeOfDayOut = Annotated[time, PlainSerializer(_hh_mm, return_type=str), _HH_MM_SCHEMA]
+
 Password = Field(min_length=10, max_length=200, description="At least 10 characters")
 AssignableRole = Literal["admin", "staff"]
 
@@ -67,6 +104,13 @@ class ChurchOut(ResponseModel):
     phone_number: str | None
     number_status: str
     timezone: str
+    send_window_start: TimeOfDayOut = Field(
+        description="Local time (in `timezone`) from which broadcasts may go out"
+    )
+    send_window_end: TimeOfDayOut = Field(
+        description="Local time at which broadcasts stop (exclusive); wraps midnight when "
+        "earlier than the start, always open when equal to it"
+    )
     default_region: str
     plan: str
     subscription_status: str
@@ -95,6 +139,14 @@ class ChurchUpdate(RequestModel):
     timezone: TimeZoneName | None = None
     default_region: str | None = Field(None, pattern=r"^[A-Z]{2}$")
     help_text: str | None = Field(None, max_length=320)
+    send_window_start: TimeOfDay | None = Field(
+        None, description="Local time from which broadcasts may go out, HH:MM (24-hour)"
+    )
+    send_window_end: TimeOfDay | None = Field(
+        None,
+        description="Local time at which broadcasts stop, HH:MM (exclusive); earlier than "
+        "the start wraps midnight (22:00-06:00), equal to it means always open",
+    )
 
 
 class UserCreate(RequestModel):

@@ -51,8 +51,10 @@ class Church(Base):
     number_order_id: Mapped[str | None] = mapped_column(String(64))
     messaging_profile_id: Mapped[str | None] = mapped_column(String(64))
     help_text: Mapped[str | None] = mapped_column(String(320))
-    quiet_hours_start: Mapped[time] = mapped_column(Time, server_default="08:00")
-    quiet_hours_end: Mapped[time] = mapped_column(Time, server_default="20:00")
+    # Local hours (in `timezone`) in which broadcasts may go out: [start, end), wrapping
+    # midnight when start > end, always open when equal (see messaging/window.py).
+    send_window_start: Mapped[time] = mapped_column(Time, server_default="08:00")
+    send_window_end: Mapped[time] = mapped_column(Time, server_default="20:00")
     plan: Mapped[str] = mapped_column(String(40), server_default="trial")
     subscription_status: Mapped[str] = mapped_column(String(30), server_default="trialing")
     stripe_customer_id: Mapped[str | None] = mapped_column(String(64), unique=True)

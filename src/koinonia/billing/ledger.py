@@ -121,8 +121,20 @@ async def debit_in(
     segments: int,
     reference: str,
 ) -> int:
-    """Check and debit inside the caller's SERIALIZABLE transaction; answers the balance left."""
-    subscription = await ensure_subscription(session, settings, church_id)
+    """Check and debit inside the caller's transaction; answers the balance left.
+
+    The church's subscription row is locked first, so concurrent debits of one church
+    queue up behind each other and each sees the ones before it: never below zero at any
+    isolation level (under SERIALIZABLE a conflict is a retried serialization failure).
+    """
+    await ensure_subscription(session, settings, church_id)
+    subscription = await session.scalar(
+        select(Subscription)
+        .where(Subscription.church_id == church_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    assert subscription is not None
     check_can_send(subscription)
     balance = (await usage(session, settings, church_id)).remaining
     if segments > balance:
@@ -195,12 +207,22 @@ async def refund(
     *,
     debit_reference: str,
     credit_reference: str,
-) -> None:
+) -> int:
     """Give back part of a debit under a reference of its own (a broadcast refunds what
-    it did not send, batch by batch); never more than was debited, in the debit's period."""
+    it did not send, batch by batch); never more than was debited for it — the first
+    debit plus any replay debits (`<debit>:replay:…`) — in the first debit's period.
+    Answers the segments refunded."""
     debited = await _debit(session, church_id, debit_reference)
     if debited is None:
-        return
+        return 0
+    total_debited = await session.scalar(
+        select(func.coalesce(func.sum(-LedgerEntry.segments), 0)).where(
+            LedgerEntry.church_id == church_id,
+            LedgerEntry.kind == "debit",
+            (LedgerEntry.reference == debit_reference)
+            | LedgerEntry.reference.like(f"{debit_reference}:replay:%"),
+        )
+    )
     refunded = await session.scalar(
         select(func.coalesce(func.sum(LedgerEntry.segments), 0)).where(
             LedgerEntry.church_id == church_id,
@@ -208,9 +230,9 @@ async def refund(
             LedgerEntry.reference.like(f"{debit_reference}:%"),
         )
     )
-    amount = min(segments, -debited.segments - int(refunded or 0))
+    amount = min(segments, int(total_debited or 0) - int(refunded or 0))
     if amount <= 0:
-        return
+        return 0
     await session.execute(
         insert(LedgerEntry)
         .values(
@@ -222,6 +244,7 @@ async def refund(
         )
         .on_conflict_do_nothing()
     )
+    return amount
 
 
 async def sync_church(session: AsyncSession, subscription: Subscription) -> None:

@@ -8,6 +8,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from koinonia.billing import ledger
 from koinonia.conversations.service import REPLY_PRIORITY, REPLY_QUEUE, REPLY_TASK
 from koinonia.deadletters.registry import ReplayContext, replayer
 from koinonia.deadletters.tables import DeadLetter
@@ -24,12 +25,23 @@ async def replay_reply(session: AsyncSession, context: ReplayContext, entry: Dea
             "UPDATE conversation_messages SET status = 'queued', attempts = 0, "
             "error_code = NULL, error_detail = NULL, in_doubt_since = NULL, updated_at = now() "
             "WHERE id = :id AND created_at = :created AND church_id = :church "
-            "AND status = 'failed' RETURNING id"
+            "AND status = 'failed' RETURNING id, kind, segments"
         ),
         {"id": message_id, "created": created_at, "church": entry.church_id},
     )
-    if requeued.scalar() is None:
+    row = requeued.first()
+    if row is None:
         raise ConflictError("the text is no longer failed")
+    if row.kind == "reply" and entry.church_id is not None:
+        # Its failure gave the segments back; sending again needs them again (402 rolls
+        # the replay back).
+        await ledger.debit_in(
+            session,
+            context.settings,
+            entry.church_id,
+            int(row.segments),
+            f"reply:{message_id}:{created_at.isoformat()}:replay:{entry.id}",
+        )
     await defer_in_transaction(
         context.job_app,
         session,

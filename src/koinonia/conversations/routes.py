@@ -154,7 +154,9 @@ async def _one(
 
 
 @router.post(
-    "", status_code=status.HTTP_201_CREATED, responses=problem_responses(401, 404, 409, 422, 429)
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses=problem_responses(401, 402, 404, 409, 422, 429),
 )
 async def start_conversation(
     body: StartConversation,
@@ -180,6 +182,7 @@ async def start_conversation(
             member,
             body.body,
             author_id=principal.user_id,
+            settings=request.app.state.settings,
         )
     elif existing is None:
         await service.touch_conversation(
@@ -267,7 +270,7 @@ def _require_number(church: Church) -> None:
 @router.post(
     "/{conversation_id}/messages",
     status_code=status.HTTP_202_ACCEPTED,
-    responses=problem_responses(401, 404, 409, 422, 429),
+    responses=problem_responses(401, 402, 404, 409, 422, 429),
     summary="Reply (sent ahead of broadcasts); 409 member_opted_out if they texted STOP",
 )
 async def reply(
@@ -284,7 +287,13 @@ async def reply(
     _require_number(church)
     member = await get_member(session, principal.church_id, conversation.member_id)
     message = await service.queue_outbound(
-        session, request.app.state.job_app, church, member, body.body, author_id=principal.user_id
+        session,
+        request.app.state.job_app,
+        church,
+        member,
+        body.body,
+        author_id=principal.user_id,
+        settings=request.app.state.settings,
     )
     return ConversationMessageOut(
         id=str(message.id),

@@ -3,19 +3,23 @@ rules, on a job of higher priority than any broadcast batch."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 
 from procrastinate import App
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from koinonia.accounts.tables import Church
-from koinonia.conversations.service import REPLY_PRIORITY, REPLY_QUEUE, REPLY_TASK
+from koinonia.billing import ledger
+from koinonia.conversations.service import REPLY_PRIORITY, REPLY_QUEUE, REPLY_TASK, reply_debit
 from koinonia.conversations.tables import ConversationMessage
 from koinonia.db import Database
 from koinonia.deadletters import service as dead_letters
 from koinonia.jobs import defer
 from koinonia.members.tables import Member
-from koinonia.messaging import refs
+from koinonia.messaging import refs, suppressions
+from koinonia.messaging.billing import note_excess
 from koinonia.messaging.delivery import Result, SendContext, attempt, report_to_breaker
 
 
@@ -49,10 +53,19 @@ async def run_reply(
             )
         )
         person = await session.get_one(Member, member)
+        phone = context.cipher.decrypt(person.phone_ct, church.id)
+        stopped = bool(
+            church.phone_number
+            and message.kind == "reply"
+            and await suppressions.suppressed(
+                session, context.settings, church.phone_number, [phone]
+            )
+        )
     sender = church.phone_number
     if sender is None:
         return "no_number"
-    if message.kind == "reply" and person.opted_out:
+    # Compliance confirmations (`auto`) go even to a phone that just texted STOP.
+    if message.kind == "reply" and (person.opted_out or stopped):
         await _finish(
             database, message, Result(message_id, "failed", error_code="member_opted_out")
         )
@@ -83,7 +96,7 @@ async def run_reply(
         row_id=message_id,
         attempts=int(attempts),
         sender=sender,
-        to=context.cipher.decrypt(person.phone_ct, church.id),
+        to=phone,
         text=message.body,
         ref=refs.RowRef("c", message_id, created_at),
         messaging_profile_id=church.messaging_profile_id,
@@ -137,6 +150,8 @@ async def _finish(
                 ),
                 {"id": member_id},
             )
+        if message.kind == "reply":
+            await _settle_bill(session, message, result)
         if result.exhausted:
             await dead_letters.record(
                 session,
@@ -147,3 +162,22 @@ async def _finish(
                 error_code=result.error_code,
                 attempts=message.attempts + 1,
             )
+
+
+async def _settle_bill(session: AsyncSession, message: ConversationMessage, result: Result) -> None:
+    """A reply's reservation: all of it back when it will not go out, the shortfall when
+    Telnyx counted fewer parts; more parts than reserved are logged, never debited."""
+    unused = 0
+    if result.status in ("failed", "skipped"):
+        unused = message.segments
+    elif result.status == "sent" and result.parts is not None:
+        unused = max(0, message.segments - result.parts)
+        note_excess(message.church_id, result.parts - message.segments)
+    if unused:
+        await ledger.refund(
+            session,
+            message.church_id,
+            unused,
+            debit_reference=reply_debit(message),
+            credit_reference=f"{reply_debit(message)}:{result.status}:{uuid.uuid4().hex[:12]}",
+        )

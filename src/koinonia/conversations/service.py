@@ -14,14 +14,16 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from koinonia.accounts.tables import Church
+from koinonia.billing import ledger
 from koinonia.conversations.tables import Conversation, ConversationMessage
-from koinonia.errors import ConflictError
+from koinonia.errors import ConflictError, FieldError, ValidationError
 from koinonia.jobs import defer_in_transaction
 from koinonia.members.crypto import ContactCipher
 from koinonia.members.tables import Member
 from koinonia.messaging import segments as sms
 from koinonia.messaging.keywords import classify
 from koinonia.messaging.receipts import RANK, Receipt
+from koinonia.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -96,10 +98,18 @@ async def queue_outbound(
     *,
     kind: str = "reply",
     author_id: uuid.UUID | None = None,
+    settings: Settings | None = None,
 ) -> ConversationMessage:
-    """Record an outbound text and defer its send in the same transaction."""
+    """Record an outbound text and defer its send in the same transaction.
+
+    A staff reply is billed like a broadcast text (its segments reserved now, `402` when
+    the allowance or the subscription does not allow it); compliance confirmations
+    (`auto`: STOP/START/HELP answers) always go and are never billed.
+    """
     if kind == "reply" and member.opted_out:
         raise MemberOptedOutError("The member texted STOP; they can opt back in with START")
+    if kind == "reply" and not body.strip():
+        raise ValidationError("The text is blank", errors=[FieldError("body", "is blank")])
     conversation = await touch_conversation(
         session, church.id, member.id, body=body, direction="outbound", unread=0
     )
@@ -116,6 +126,10 @@ async def queue_outbound(
     session.add(message)
     await session.flush()
     await session.refresh(message)
+    if kind == "reply":
+        if settings is None:
+            raise RuntimeError("a billed reply needs the settings")
+        await ledger.debit_in(session, settings, church.id, message.segments, reply_debit(message))
     await defer_in_transaction(
         job_app,
         session,
@@ -126,6 +140,10 @@ async def queue_outbound(
         created_at=message.created_at.isoformat(),
     )
     return message
+
+
+def reply_debit(message: ConversationMessage) -> str:
+    return f"reply:{message.id}:{message.created_at.isoformat()}"
 
 
 @dataclass(frozen=True)

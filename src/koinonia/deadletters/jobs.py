@@ -6,7 +6,7 @@ import structlog
 from procrastinate import Blueprint
 
 from koinonia.deadletters import service
-from koinonia.jobs import resources
+from koinonia.jobs import JOB_RETRY, resources
 
 blueprint = Blueprint()
 MAINTENANCE_QUEUE = "maintenance"
@@ -14,7 +14,12 @@ log = structlog.get_logger(__name__)
 
 
 @blueprint.periodic(cron="41 3 * * *")
-@blueprint.task(name="cleanup_dead_letters", queue=MAINTENANCE_QUEUE, queueing_lock="dlq-cleanup")
+@blueprint.task(
+    name="cleanup_dead_letters",
+    queue=MAINTENANCE_QUEUE,
+    queueing_lock="dlq-cleanup",
+    retry=JOB_RETRY,
+)
 async def cleanup_dead_letters(timestamp: int) -> int:
     """Delete dead letters older than `DLQ_RETENTION_DAYS` (daily)."""
     job = resources()
@@ -25,7 +30,9 @@ async def cleanup_dead_letters(timestamp: int) -> int:
 
 
 @blueprint.periodic(cron="* * * * *")
-@blueprint.task(name="dlq_metrics", queue=MAINTENANCE_QUEUE, queueing_lock="dlq-metrics")
+@blueprint.task(
+    name="dlq_metrics", queue=MAINTENANCE_QUEUE, queueing_lock="dlq-metrics", retry=JOB_RETRY
+)
 async def dlq_metrics(timestamp: int) -> int:
     """Refresh `koinonia_dlq_size` / `koinonia_dlq_alert` (every minute)."""
     job = resources()

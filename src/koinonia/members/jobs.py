@@ -6,7 +6,7 @@ import uuid
 
 from procrastinate import Blueprint
 
-from koinonia.jobs import resources
+from koinonia.jobs import JOB_RETRY, resources
 from koinonia.members.crypto import ContactCipher
 from koinonia.members.imports import import_in_job
 from koinonia.members.service import church_region
@@ -15,7 +15,7 @@ blueprint = Blueprint()
 IMPORT_QUEUE = "imports"
 
 
-@blueprint.task(name="import_members", queue=IMPORT_QUEUE)
+@blueprint.task(name="import_members", queue=IMPORT_QUEUE, retry=JOB_RETRY)
 async def import_members(import_id: str, church_id: str) -> None:
     job = resources()
     async with job.database.sessions() as session:

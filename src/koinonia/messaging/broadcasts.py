@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from procrastinate import App
+from procrastinate.exceptions import AlreadyEnqueued
 from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -18,11 +19,12 @@ from koinonia.accounts.principal import Principal
 from koinonia.accounts.tables import Church
 from koinonia.billing import ledger
 from koinonia.db import Database
-from koinonia.errors import ConflictError, FieldError, ValidationError
+from koinonia.errors import AuthorizationError, ConflictError, FieldError, ValidationError
 from koinonia.groups.tables import Group
 from koinonia.jobs import defer_in_transaction, defer_many_in_transaction
 from koinonia.members.tables import Member
 from koinonia.messaging import segments as sms
+from koinonia.messaging import window
 from koinonia.messaging.counters import apply_transitions
 from koinonia.messaging.schemas import Counts, MessageOut, MessageRequest, PreviewOut
 from koinonia.messaging.tables import Message
@@ -35,6 +37,13 @@ from koinonia.tenancy import get_owned
 MAX_SEGMENTS = 10
 SEND_QUEUE = "sms"
 BATCH_TASK = "messaging:send_batch"
+WAKE_TASK = "messaging:wake_batch"
+START_TASK = "messaging:start_broadcast"
+
+
+def batch_queueing_lock(message_id: uuid.UUID | str, batch_no: int) -> str:
+    """At most one queued run of a batch at a time (continuations, wake-ups, the sweeper)."""
+    return f"batch:{message_id}:{batch_no}"
 
 
 class NumberNotReadyError(ConflictError):
@@ -141,13 +150,22 @@ async def _check_audience_ids(
         raise ValidationError("Some recipients do not exist", errors=errors)
 
 
+def _require_text(body: str, field: str) -> str:
+    if not body.strip():
+        raise ValidationError(
+            "The text is blank", errors=[FieldError(field, "must contain visible text")]
+        )
+    return body
+
+
 async def _body_of(session: AsyncSession, church_id: uuid.UUID, request: MessageRequest) -> str:
     if request.template_id is not None:
         template = await get_owned(
             session, Template, request.template_id, church_id, what="template"
         )
-        return template.body
+        return _require_text(template.body, "template_id")
     assert request.body is not None
+    _require_text(request.body, "body")
     found = problems(request.body)
     if found:
         raise ValidationError(
@@ -249,9 +267,12 @@ def request_hash(request: MessageRequest) -> bytes:
     return hashlib.sha256(canonical).digest()
 
 
-def to_out(message: Message) -> MessageOut:
+def to_out(message: Message, paused_reason: str | None = None) -> MessageOut:
     audience = message.audience or {}
     return MessageOut(
+        starts_at=message.starts_at,
+        urgent=message.urgent,
+        paused_reason=paused_reason if message.status in ("queued", "sending") else None,
         id=message.id,
         status=message.status,
         body=message.body,
@@ -291,7 +312,12 @@ async def create(
     request: MessageRequest,
     idempotency_key: str | None,
 ) -> Created:
-    """Everything in one SERIALIZABLE transaction, retried whole on serialization failure."""
+    """Everything in one transaction: message, recipients, debit and dispatch jobs.
+
+    READ COMMITTED: the debit locks the church's subscription row, which serialises
+    debits without making concurrent broadcasts (of any church) fail each other's
+    fan-out. A lost connection is retried whole unless its COMMIT may have landed
+    (`in_transaction` settles that through the transaction id)."""
     fingerprint = request_hash(request)
     now = datetime.now(UTC)
     if request.scheduled_at is not None:
@@ -305,6 +331,9 @@ async def create(
                 "scheduled_at is too far ahead",
                 errors=[FieldError("scheduled_at", "at most 90 days ahead")],
             )
+
+    if request.urgent and principal.role not in ("owner", "admin"):
+        raise AuthorizationError("Only owners and admins may send outside the sending window")
 
     async def work(session: AsyncSession) -> Created:
         church_id = principal.church_id
@@ -334,7 +363,7 @@ async def create(
                 f"The text takes {guess.segments} segments; at most {MAX_SEGMENTS} are allowed",
                 errors=[FieldError("body", "too long")],
             )
-        scheduled = request.scheduled_at is not None
+        starts_at = hold_until(church, request.scheduled_at, urgent=request.urgent, now=now)
         message = Message(
             church_id=church_id,
             created_by=principal.user_id,
@@ -347,8 +376,10 @@ async def create(
                 "group_ids": [str(g) for g in request.group_ids],
                 "member_ids": [str(m) for m in request.member_ids],
             },
-            status="scheduled" if scheduled else "queued",
+            status="scheduled" if starts_at else "queued",
             scheduled_at=request.scheduled_at,
+            starts_at=starts_at,
+            urgent=request.urgent,
             idempotency_key=idempotency_key,
             request_hash=fingerprint if idempotency_key else None,
         )
@@ -379,25 +410,76 @@ async def create(
         if queued == 0:
             message.status = "completed"
             message.completed_at = now
-        await defer_batches(job_app, session, message, batches, schedule_at=request.scheduled_at)
+        if queued and starts_at is not None:
+            await defer_start(job_app, session, message, starts_at)
+        elif queued:
+            await defer_batches(job_app, session, message, batches)
         await session.flush()
         out = to_out(message)
         message.first_response = out.model_dump(mode="json")
         return Created(out, False)
 
     outcome = await in_transaction(
-        database, "SERIALIZABLE", work, operation="broadcast_create", attempts=10
+        database, "READ COMMITTED", work, operation="broadcast_create", attempts=5
     )
     return outcome.value
 
 
+def hold_until(
+    church: Church, scheduled_at: datetime | None, *, urgent: bool, now: datetime
+) -> datetime | None:
+    """When a new broadcast may start: None for now, else its schedule or, unless urgent,
+    the next opening of the church's sending window."""
+    start = scheduled_at if scheduled_at is not None and scheduled_at > now else now
+    if not urgent:
+        opening = window.next_opening(
+            start, church.timezone, church.send_window_start, church.send_window_end
+        )
+        if opening is not None:
+            start = opening
+    return start if start > now else None
+
+
+async def defer_start(
+    job_app: App, session: AsyncSession, message: Message, starts_at: datetime
+) -> None:
+    """A held broadcast has one lock-free start job and no batch job until it is due, so
+    it never holds back the church's other sends (procrastinate #1599)."""
+    await defer_in_transaction(
+        job_app,
+        session,
+        START_TASK,
+        queue=SEND_QUEUE,
+        priority=0,
+        queueing_lock=f"start:{message.id}",
+        schedule_at=starts_at,
+        message_id=str(message.id),
+    )
+
+
+async def start_held(database: Database, job_app: App, message_id: uuid.UUID) -> str:
+    """A held broadcast's start job: queue its batches, or wait again if the sending
+    window is closed (a schedule can fall outside it). Conditional on `scheduled`, so a
+    cancel always wins."""
+    async with database.unit_of_work() as session:
+        message = await session.get(Message, message_id, with_for_update=True)
+        if message is None or message.status != "scheduled":
+            return "nothing_to_do"
+        church = await session.get_one(Church, message.church_id)
+        now = datetime.now(UTC)
+        later = hold_until(church, None, urgent=message.urgent, now=now)
+        if later is not None:
+            message.starts_at = later
+            await defer_start(job_app, session, message, later)
+            return "held_for_window"
+        message.status = "queued"
+        message.starts_at = None
+        await defer_batches(job_app, session, message, message.batches)
+        return "started"
+
+
 async def defer_batches(
-    job_app: App,
-    session: AsyncSession,
-    message: Message,
-    batches: int,
-    *,
-    schedule_at: datetime | None = None,
+    job_app: App, session: AsyncSession, message: Message, batches: int
 ) -> None:
     """All of a new broadcast's batch jobs in one statement (see `defer_batch_of`)."""
     await defer_many_in_transaction(
@@ -417,7 +499,7 @@ async def defer_batches(
         ],
         queue=SEND_QUEUE,
         lock=f"sms:{message.church_id}",
-        schedule_at=schedule_at,
+        queueing_lock_of=lambda args: batch_queueing_lock(args["message_id"], args["batch_no"]),
     )
 
 
@@ -428,24 +510,30 @@ async def defer_batch_of(
     created_at: datetime,
     church_id: uuid.UUID,
     batch_no: int,
-    *,
-    schedule_at: datetime | None = None,
 ) -> None:
-    # Priority falls with the batch number: every church's first batch goes before any
-    # church's second, so a big broadcast cannot starve a small one. The lock keeps one
-    # church's batches on one worker slot at a time (they share one number's rate).
-    await defer_in_transaction(
-        job_app,
-        session,
-        BATCH_TASK,
-        queue=SEND_QUEUE,
-        priority=-batch_no,
-        lock=f"sms:{church_id}",
-        schedule_at=schedule_at,
-        message_id=str(message_id),
-        created_at=created_at.isoformat(),
-        batch_no=batch_no,
-    )
+    """Queue a batch to run now, unless a run of it is queued already.
+
+    Priority falls with the batch number: every church's first batch goes before any
+    church's second, so a big broadcast cannot starve a small one. The lock keeps one
+    church's batches on one worker slot at a time (they share one number's rate). Never
+    future-dated: see `defer_start`.
+    """
+    try:
+        async with session.begin_nested():
+            await defer_in_transaction(
+                job_app,
+                session,
+                BATCH_TASK,
+                queue=SEND_QUEUE,
+                priority=-batch_no,
+                lock=f"sms:{church_id}",
+                queueing_lock=batch_queueing_lock(message_id, batch_no),
+                message_id=str(message_id),
+                created_at=created_at.isoformat(),
+                batch_no=batch_no,
+            )
+    except AlreadyEnqueued:
+        pass
 
 
 async def cancel(session: AsyncSession, church_id: uuid.UUID, message_id: uuid.UUID) -> Message:
@@ -468,7 +556,16 @@ async def cancel(session: AsyncSession, church_id: uuid.UUID, message_id: uuid.U
     await session.execute(
         update(Message)
         .where(Message.id == message.id)
-        .values(status="cancelled", cancelled_at=func.now(), updated_at=func.now())
+        .values(status="cancelled", cancelled_at=func.now(), starts_at=None, updated_at=func.now())
+    )
+    # Everything still pending for it goes: its start, its batches, their wake-ups.
+    await session.execute(
+        text(
+            "SELECT procrastinate_cancel_job_v1(id, false, true) FROM procrastinate_jobs "
+            "WHERE status = 'todo' AND task_name = ANY(:tasks) "
+            "AND args->>'message_id' = :id"
+        ),
+        {"tasks": [START_TASK, BATCH_TASK, WAKE_TASK], "id": str(message.id)},
     )
     await session.refresh(message)
     return message

@@ -22,11 +22,16 @@ COUNTER_OF = {
     "failed": "failed_count",
     "undelivered": "failed_count",
     "skipped": "skipped_count",
+    "unconfirmed": "sent_count",  # Telnyx had it; no final state ever came
 }
 COUNTERS = ("queued_count", "sent_count", "delivered_count", "failed_count", "skipped_count")
 
 # Order of recipient states: a receipt or a result only ever moves a row forward.
-RANK_SQL = "CASE {col} WHEN 'queued' THEN 0 WHEN 'sending' THEN 1 WHEN 'sent' THEN 2 ELSE 3 END"
+# `unconfirmed` ranks with `sent`: a late final receipt still settles it.
+RANK_SQL = (
+    "CASE {col} WHEN 'queued' THEN 0 WHEN 'sending' THEN 1 WHEN 'sent' THEN 2 "
+    "WHEN 'unconfirmed' THEN 2 ELSE 3 END"
+)
 
 Transition = tuple[uuid.UUID, str, str, int]  # message id, old status, new status, rows
 

@@ -17,7 +17,8 @@ from redis.asyncio import Redis
 from koinonia.breaker import CircuitBreaker
 from koinonia.members.crypto import ContactCipher
 from koinonia.messaging import refs
-from koinonia.messaging.throughput import NumberThroughput
+from koinonia.messaging.pauses import Scope, scope_of
+from koinonia.messaging.throughput import SendThroughput
 from koinonia.observability import RETRIES
 from koinonia.retry import backoff_seconds
 from koinonia.settings import Settings
@@ -38,6 +39,9 @@ SMS_OUTCOMES = Counter(
 OPTED_OUT_CODES = frozenset({"40300"})
 INVALID_CODES = frozenset({"40310", "40311", "40012", "10016", "40013"})
 LANDLINE_CODES = frozenset({"40001"})
+# Telnyx pacing us: API requests over the limit (10011, HTTP 429) or the sender's queue
+# full (40318). Slow down; never fail a recipient for it.
+THROTTLE_CODES = frozenset({"10011", "40318"})
 
 
 @dataclass
@@ -47,7 +51,7 @@ class SendContext:
     settings: Settings
     telnyx: TelnyxClient
     breaker: CircuitBreaker
-    throughput: NumberThroughput
+    throughput: SendThroughput
     cipher: ContactCipher
     ref_key: bytes
 
@@ -57,7 +61,12 @@ class SendContext:
             settings=settings,
             telnyx=telnyx,
             breaker=CircuitBreaker(redis, "telnyx"),
-            throughput=NumberThroughput(redis, settings.sends_per_second_per_number),
+            throughput=SendThroughput(
+                redis,
+                account_per_second=settings.telnyx_account_sends_per_second,
+                number_per_second=settings.sends_per_second_per_number,
+                number_overrides=settings.rate_overrides,
+            ),
             cipher=ContactCipher.from_settings(settings),
             ref_key=refs.ref_key(settings.member_hmac_key.get_secret_value()),
         )
@@ -83,7 +92,9 @@ class Result:
     opted_out: bool = False  # Telnyx says the phone texted STOP (40300)
     exhausted: bool = False  # out of retries: dead-lettered
     breaker_failure: bool = field(default=False, repr=False)
-    uncounted: bool = False  # a failed half-open probe: not one of the row's retries
+    uncounted: bool = False  # not one of the row's retries (a probe, pacing, a pause)
+    pause: Scope | None = None  # the provider refused the sender, not this recipient
+    throttled: bool = False  # the provider asked us to slow down
 
 
 async def attempt(
@@ -109,6 +120,19 @@ async def attempt(
         )
     except SendRefusedError as error:
         code = error.code or str(error.status)
+        if code in THROTTLE_CODES:
+            return _throttled(kind, row_id, code, error.detail, None, attempts)
+        scope = scope_of(error.status, error.code, sender)
+        if scope is not None:
+            SMS_OUTCOMES.labels(kind, "paused").inc()
+            return Result(
+                row_id,
+                "queued",
+                error_code=code,
+                error_detail=f"sender refused: {error.detail}"[:300],
+                uncounted=True,
+                pause=scope,
+            )
         if code in OPTED_OUT_CODES:
             SMS_OUTCOMES.labels(kind, "skipped").inc()
             return Result(
@@ -121,8 +145,11 @@ async def attempt(
         SMS_OUTCOMES.labels(kind, "failed").inc()
         return Result(row_id, "failed", error_code=code, error_detail=error.detail[:300])
     except SendDeferredError as error:
-        # 429 is Telnyx pacing us, not Telnyx failing; a refused connection is a failure.
-        failure = error.status != 429
+        if error.status == 429 or error.code in THROTTLE_CODES:
+            return _throttled(
+                kind, row_id, error.code or "429", error.detail, error.retry_after, attempts
+            )
+        failure = True  # a refused connection: Telnyx may be down
         if attempts > context.settings.telnyx_max_retries:
             SMS_OUTCOMES.labels(kind, "failed").inc()
             return Result(
@@ -166,6 +193,23 @@ async def attempt(
         )
     SMS_OUTCOMES.labels(kind, "sent").inc()
     return Result(row_id, "sent", provider_id=sent.id, parts=sent.parts)
+
+
+def _throttled(
+    kind: str, row_id: int, code: str, detail: str, retry_after: float | None, attempts: int
+) -> Result:
+    wait = retry_after if retry_after is not None else backoff_seconds(min(attempts, 5), 8)
+    SMS_OUTCOMES.labels(kind, "throttled").inc()
+    RETRIES.labels("telnyx_throttled").inc()
+    return Result(
+        row_id,
+        "queued",
+        error_code=code,
+        error_detail=f"throttled: {detail}"[:300],
+        next_attempt_at=datetime.now(UTC) + timedelta(seconds=max(wait, 0.5)),
+        uncounted=True,
+        throttled=True,
+    )
 
 
 async def report_to_breaker(context: SendContext, results: list[Result]) -> None:

@@ -9,10 +9,10 @@ import structlog
 from procrastinate import Blueprint
 
 from koinonia import partitions
-from koinonia.jobs import JobResources, resources
-from koinonia.messaging.broadcasts import SEND_QUEUE
+from koinonia.jobs import JOB_RETRY, JobResources, resources
+from koinonia.messaging.broadcasts import SEND_QUEUE, start_held
 from koinonia.messaging.delivery import SendContext
-from koinonia.messaging.sending import run_batch
+from koinonia.messaging.sending import continue_batch, run_batch
 
 blueprint = Blueprint()
 log = structlog.get_logger(__name__)
@@ -28,7 +28,27 @@ def send_context(job: JobResources) -> SendContext:
     return _contexts[key]
 
 
-@blueprint.task(name="send_batch", queue=SEND_QUEUE)
+@blueprint.task(name="start_broadcast", queue=SEND_QUEUE, retry=JOB_RETRY)
+async def start_broadcast(message_id: str) -> None:
+    job = resources()
+    outcome = await start_held(job.database, job.job_app, uuid.UUID(message_id))
+    log.info("broadcast_start", message_id=message_id, outcome=outcome)
+
+
+@blueprint.task(name="wake_batch", queue=SEND_QUEUE, retry=JOB_RETRY)
+async def wake_batch(message_id: str, created_at: str, batch_no: int, church_id: str) -> None:
+    """Lock-free timer of a waiting batch: queue the batch (under its church's lock) now."""
+    await continue_batch(
+        resources().job_app,
+        uuid.UUID(message_id),
+        datetime.fromisoformat(created_at),
+        uuid.UUID(church_id),
+        batch_no,
+        0,
+    )
+
+
+@blueprint.task(name="send_batch", queue=SEND_QUEUE, retry=JOB_RETRY)
 async def send_batch(message_id: str, created_at: str, batch_no: int) -> None:
     job = resources()
     report = await run_batch(
@@ -50,7 +70,9 @@ async def send_batch(message_id: str, created_at: str, batch_no: int) -> None:
 
 
 @blueprint.periodic(cron="17 3 * * *")
-@blueprint.task(name="ensure_partitions", queue="maintenance", queueing_lock="partitions")
+@blueprint.task(
+    name="ensure_partitions", queue="maintenance", queueing_lock="partitions", retry=JOB_RETRY
+)
 async def ensure_partitions(timestamp: int) -> None:
     job = resources()
     async with job.database.engine.begin() as connection:

@@ -33,7 +33,15 @@ STATUS_OF = {
     "delivery_failed": ("undelivered", True),
     "delivery_unconfirmed": ("sent", True),  # the carrier never said; it stays `sent`
 }
-RANK = {"queued": 0, "sending": 1, "sent": 2, "delivered": 3, "failed": 3, "undelivered": 3}
+RANK = {
+    "queued": 0,
+    "sending": 1,
+    "sent": 2,
+    "unconfirmed": 2,
+    "delivered": 3,
+    "failed": 3,
+    "undelivered": 3,
+}
 
 
 @dataclass(frozen=True)

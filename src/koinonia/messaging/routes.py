@@ -7,8 +7,10 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from koinonia.accounts.deps import CurrentPrincipal
+from koinonia.accounts.tables import Church
 from koinonia.errors import FieldError, ValidationError, problem_responses
 from koinonia.http.deps import AppSettings, DbSession, get_database
 from koinonia.http.pagination import (
@@ -19,7 +21,7 @@ from koinonia.http.pagination import (
     make_page,
     page_params,
 )
-from koinonia.messaging import broadcasts
+from koinonia.messaging import broadcasts, pauses
 from koinonia.messaging.schemas import MessageOut, MessageRequest, PreviewOut, RecipientOut
 from koinonia.messaging.tables import Message
 from koinonia.tenancy import get_owned
@@ -51,13 +53,17 @@ async def preview_message(
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
-    responses=problem_responses(401, 402, 404, 409, 422, 429),
+    responses=problem_responses(401, 402, 403, 404, 409, 422, 429, 503),
     summary="Send (or schedule) a broadcast",
     description="Validates, counts segments, resolves the audience (distinct members of "
     "the groups and ids, not opted out, not deleted), reserves the segments and writes the "
     "message, every recipient and the dispatch batches in one transaction; workers send. "
     "`402 quota_exceeded` or `subscription_inactive` when the plan cannot cover it — "
-    "nothing is queued then. `409 number_not_ready` until the church's number is assigned.",
+    "nothing is queued then. `409 number_not_ready` until the church's number is assigned. "
+    "A broadcast accepted outside the church's sending window (and not `urgent`) is held: "
+    "its answer has status `scheduled` and `starts_at`. A blank text is `422`. "
+    "`503 commit_unknown` when the outcome could not be learnt: retry with the same "
+    "`Idempotency-Key`.",
 )
 async def send_message(
     body: MessageRequest,
@@ -111,7 +117,19 @@ async def get_message(
     message_id: uuid.UUID, principal: CurrentPrincipal, session: DbSession
 ) -> MessageOut:
     message = await get_owned(session, Message, message_id, principal.church_id, what="message")
-    return broadcasts.to_out(message)
+    return broadcasts.to_out(message, await _paused_reason(session, principal.church_id))
+
+
+async def _paused_reason(session: AsyncSession, church_id: uuid.UUID) -> str | None:
+    church = await session.get_one(Church, church_id)
+    if church.phone_number is None:
+        return None
+    pause = await pauses.active(session, church.phone_number)
+    if pause is None:
+        return None
+    what = "the provider account" if pause.scope == pauses.ACCOUNT else "the sending number"
+    code = f" ({pause.error_code})" if pause.error_code else ""
+    return f"sending paused: {what} was refused{code}: {pause.reason}"[:300]
 
 
 @router.get("/{message_id}/recipients", responses=problem_responses(401, 404, 422, 429))

@@ -30,6 +30,10 @@ class MessageRequest(BaseModel):
     group_ids: list[uuid.UUID] = Field(default_factory=list, max_length=100)
     member_ids: list[uuid.UUID] = Field(default_factory=list, max_length=1000)
     scheduled_at: datetime | None = None
+    urgent: bool = Field(
+        False,
+        description="Owners and admins only: send even outside the church's sending window",
+    )
 
     @model_validator(mode="after")
     def _one_body(self) -> MessageRequest:
@@ -78,6 +82,17 @@ class MessageOut(BaseModel):
     started_at: datetime | None
     completed_at: datetime | None
     cancelled_at: datetime | None
+    starts_at: datetime | None = Field(
+        None,
+        description="When a held broadcast (scheduled, or outside the sending window) starts "
+        "or resumes",
+    )
+    urgent: bool = False
+    paused_reason: str | None = Field(
+        None,
+        description="Why the provider stopped this broadcast's sender (the account or the "
+        "sending number); it resumes by itself when the provider accepts again",
+    )
     created_at: datetime
 
 

@@ -19,22 +19,31 @@ import time
 import uuid
 from collections import Counter as Tally
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 from procrastinate import App
-from sqlalchemy import text
+from procrastinate.exceptions import AlreadyEnqueued
+from sqlalchemy import func, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from koinonia.accounts.tables import Church
 from koinonia.db import Database
 from koinonia.jobs import defer
-from koinonia.messaging import refs
-from koinonia.messaging.broadcasts import BATCH_TASK, SEND_QUEUE, refund
+from koinonia.messaging import pauses, refs, suppressions, window
+from koinonia.messaging.billing import note_excess
+from koinonia.messaging.broadcasts import (
+    BATCH_TASK,
+    SEND_QUEUE,
+    WAKE_TASK,
+    batch_queueing_lock,
+    refund,
+)
 from koinonia.messaging.counters import apply_transitions
 from koinonia.messaging.delivery import Result, SendContext, attempt, report_to_breaker
 from koinonia.messaging.replay import record_failed_send
-from koinonia.messaging.tables import Message
+from koinonia.messaging.tables import Message, SenderPause
 from koinonia.retry import in_transaction
 from koinonia.templates.rendering import render
 
@@ -115,21 +124,39 @@ async def run_batch(
     deadline = time.monotonic() + context.settings.send_time_slice_seconds
     async with database.unit_of_work() as session:
         message = await session.get(Message, message_id)
-        if message is None or message.status not in ("scheduled", "queued", "sending"):
-            return report
+        if message is None or message.status not in ("queued", "sending"):
+            return report  # cancelled, completed, or not started yet: nothing to do
         church = await session.get_one(Church, message.church_id)
-        if message.status != "sending":
-            message.status = "sending"
-            message.started_at = message.started_at or datetime.now(UTC)
+        if message.status == "queued":
+            # Conditional: a cancel committed since the read above must stay final.
+            await session.execute(
+                update(Message)
+                .where(Message.id == message.id, Message.status == "queued")
+                .values(
+                    status="sending",
+                    started_at=func.coalesce(Message.started_at, func.now()),
+                    updated_at=func.now(),
+                )
+            )
     sender, profile = church.phone_number, church.messaging_profile_id
     if sender is None:  # the number was released since the broadcast was accepted
         log.warning("no_sending_number", church_id=str(church.id))
         return report
     while True:
+        closed_until = window_closed_until(church, message)
+        if closed_until is not None:
+            await _hold_for_window(database, message, closed_until)
+            return await _continue_later(job_app, message, batch_no, closed_until, report)
+        pause = await _pause_of(database, sender)
+        probing = pause is not None
+        if pause is not None and not pauses.probe_due(pause, datetime.now(UTC)):
+            wait = pauses.wait_for_probe(pause, datetime.now(UTC))
+            return await _continue_later(job_app, message, batch_no, wait, report)
         breaker = await context.breaker.allow()
         if breaker.state == "open":
             return await _continue_later(job_app, message, batch_no, breaker.retry_after, report)
-        wanted = 1 if breaker.state == "half_open" else context.settings.send_concurrency
+        probing = probing or breaker.state == "half_open"
+        wanted = 1 if probing else context.settings.send_concurrency
         granted, wait = await context.throughput.take(sender, wanted)
         if granted == 0:
             return await _continue_later(job_app, message, batch_no, wait, report)
@@ -144,13 +171,56 @@ async def run_batch(
             # A failed probe tells about Telnyx, not about this recipient: it does not use
             # up one of the recipient's retries.
             for result in results:
-                result.uncounted = result.breaker_failure
+                result.uncounted = result.uncounted or result.breaker_failure
         await report_to_breaker(context, results)
-        await write_back(database, message, claimed, results)
+        refused = next((r.pause for r in results if r.pause is not None), None)
+        resumed = pause is not None and any(r.status == "sent" for r in results)
+        await write_back(
+            database, message, claimed, results, pause=refused, resumed=pause if resumed else None
+        )
         report.sent += sum(r.status == "sent" for r in results)
         report.other += sum(r.status != "sent" for r in results)
+        throttled = [r for r in results if r.throttled]
+        if throttled:
+            until = max(r.next_attempt_at or datetime.now(UTC) for r in throttled)
+            pace = max(0.5, (until - datetime.now(UTC)).total_seconds())
+            await context.throughput.cool_down(pace)
+            return await _continue_later(job_app, message, batch_no, pace, report)
+        if refused is not None:
+            return await _continue_later(
+                job_app, message, batch_no, pauses.FIRST_PROBE_SECONDS, report
+            )
         if time.monotonic() > deadline:
             return await _continue_later(job_app, message, batch_no, 0, report)
+
+
+def window_closed_until(church: Church, message: Message) -> float | None:
+    """Seconds until the church's sending window opens, when it is closed now and the
+    broadcast is not urgent; None when it may send now."""
+    if message.urgent:
+        return None
+    now = datetime.now(UTC)
+    opening = window.next_opening(
+        now, church.timezone, church.send_window_start, church.send_window_end
+    )
+    if opening is None:
+        return None
+    return max(0.0, (opening - now).total_seconds())
+
+
+async def _hold_for_window(database: Database, message: Message, seconds: float) -> None:
+    """A broadcast still running when the window closes shows when it resumes."""
+    async with database.unit_of_work() as session:
+        await session.execute(
+            update(Message)
+            .where(Message.id == message.id, Message.status.in_(("queued", "sending")))
+            .values(starts_at=func.now() + timedelta(seconds=seconds), updated_at=func.now())
+        )
+
+
+async def _pause_of(database: Database, sender: str) -> SenderPause | None:
+    async with database.unit_of_work() as session:
+        return await pauses.active(session, sender)
 
 
 async def _claim(database: Database, message: Message, batch_no: int, limit: int) -> list[Claimed]:
@@ -184,19 +254,56 @@ async def _next_retry_in(database: Database, message: Message, batch_no: int) ->
 async def _continue_later(
     job_app: App, message: Message, batch_no: int, seconds: float, report: BatchReport
 ) -> BatchReport:
-    await defer(
-        job_app,
-        BATCH_TASK,
-        queue=SEND_QUEUE,
-        priority=-batch_no,
-        lock=f"sms:{message.church_id}",
-        schedule_in_seconds=seconds,
-        message_id=str(message.id),
-        created_at=message.created_at.isoformat(),
-        batch_no=batch_no,
+    await continue_batch(
+        job_app, message.id, message.created_at, message.church_id, batch_no, seconds
     )
     report.deferred_for = seconds
     return report
+
+
+async def continue_batch(
+    job_app: App,
+    message_id: uuid.UUID,
+    created_at: datetime,
+    church_id: uuid.UUID,
+    batch_no: int,
+    seconds: float,
+) -> None:
+    """Run the batch again now, or after `seconds` through a lock-free wake job.
+
+    A job waiting for a future time while holding the church's lock would block every
+    later job with that lock (procrastinate #1599): a broadcast waiting for its window,
+    a pause or a retry must never hold back the church's other sends.
+    """
+    args: dict[str, Any] = {
+        "message_id": str(message_id),
+        "created_at": created_at.isoformat(),
+        "batch_no": batch_no,
+    }
+    try:
+        if seconds <= 0:
+            await defer(
+                job_app,
+                BATCH_TASK,
+                queue=SEND_QUEUE,
+                priority=-batch_no,
+                lock=f"sms:{church_id}",
+                queueing_lock=batch_queueing_lock(message_id, batch_no),
+                **args,
+            )
+        else:
+            await defer(
+                job_app,
+                WAKE_TASK,
+                queue=SEND_QUEUE,
+                priority=-batch_no,
+                queueing_lock=f"wake:{message_id}:{batch_no}",
+                schedule_in_seconds=seconds,
+                church_id=str(church_id),
+                **args,
+            )
+    except AlreadyEnqueued:
+        pass  # that batch already has its next run queued
 
 
 async def _send_chunk(
@@ -219,12 +326,21 @@ async def _send_chunk(
                 {"ids": [c.member_id for c in claimed]},
             )
         }
+        phones = {
+            member_id: context.cipher.decrypt(row.phone_ct, church.id)
+            for member_id, row in members.items()
+        }
+        # Checked just before sending: a STOP acknowledged by the webhook is a suppression
+        # at once, whether or not a worker has applied it to the member yet.
+        stopped = await suppressions.suppressed(
+            session, context.settings, sender, list(phones.values())
+        )
 
     async def one(row: Claimed) -> Result:
         member = members.get(row.member_id)
         if member is None or member.deleted_at is not None:
             return Result(row.id, "skipped", skip_reason="invalid", error_detail="member deleted")
-        if member.opted_out:  # opted out after the broadcast was accepted
+        if member.opted_out or phones[row.member_id] in stopped:
             return Result(row.id, "skipped", skip_reason="opted_out")
         body = render(
             message.body,
@@ -234,13 +350,15 @@ async def _send_chunk(
                 "church_name": church.name,
             },
         )
+        if not body.strip():
+            return Result(row.id, "skipped", skip_reason="empty_body")
         return await attempt(
             context,
             kind="broadcast",
             row_id=row.id,
             attempts=row.attempts,
             sender=sender,
-            to=context.cipher.decrypt(member.phone_ct, church.id),
+            to=phones[row.member_id],
             text=body,
             ref=refs.RowRef("r", row.id, message.created_at),
             messaging_profile_id=profile,
@@ -250,13 +368,29 @@ async def _send_chunk(
 
 
 async def write_back(
-    database: Database, message: Message, claimed: list[Claimed], results: list[Result]
+    database: Database,
+    message: Message,
+    claimed: list[Claimed],
+    results: list[Result],
+    *,
+    pause: pauses.Scope | None = None,
+    resumed: SenderPause | None = None,
 ) -> None:
-    """All results of a chunk in one transaction: statuses, counters, refunds, opt-outs
-    and dead letters."""
+    """All results of a chunk in one transaction: statuses, counters, refunds, opt-outs,
+    dead letters, and a pause started or lifted by what the provider answered."""
 
     async def work(session: AsyncSession) -> None:
         await _write_back_in(session, message, claimed, results)
+        if pause is not None:
+            refusal = next(r for r in results if r.pause is not None)
+            await pauses.pause(
+                session,
+                pause,
+                code=refusal.error_code,
+                reason=refusal.error_detail or "refused by the provider",
+            )
+        elif resumed is not None:
+            await pauses.clear(session, resumed.scope, resumed.key)
 
     # The texts have gone out: a deadlock or a lost connection here must not leave the
     # rows `sending` until the lease runs out, so the whole write-back is retried.
@@ -296,7 +430,11 @@ async def _write_back_in(
         if result.status in ("skipped", "failed"):
             unused += reserved[result.row_id]
         elif result.status == "sent" and result.parts is not None:
+            # Billed = Telnyx's parts capped at the reservation: a shortfall is refunded,
+            # an excess is counted and logged, never debited.
             unused += max(0, reserved[result.row_id] - result.parts)
+            if result.parts > reserved[result.row_id]:
+                note_excess(message.church_id, result.parts - reserved[result.row_id])
     await refund(session, message, unused, "unsent")
     opted_out = [members[r.row_id] for r in results if r.opted_out and r.row_id in applied]
     if opted_out:

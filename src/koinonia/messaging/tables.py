@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -39,7 +40,15 @@ RECIPIENT_STATUSES = (
     "queued", "sending", "sent", "delivered", "failed", "undelivered", "skipped",
 )  # fmt: skip
 FINAL_RECIPIENT_STATUSES = ("delivered", "failed", "undelivered", "skipped")
-SKIP_REASONS = ("opted_out", "invalid", "landline", "duplicate", "cancelled", "too_long")
+SKIP_REASONS = (
+    "opted_out",
+    "invalid",
+    "landline",
+    "duplicate",
+    "cancelled",
+    "too_long",
+    "empty_body",
+)
 
 recipient_id_seq = Sequence("message_recipients_id_seq", metadata=Base.metadata)
 
@@ -81,6 +90,9 @@ class Message(Base):
     request_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
     first_response: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     scheduled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When a held broadcast (scheduled, or outside the church's sending window) goes out.
+    starts_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    urgent: Mapped[bool] = mapped_column(Boolean, server_default="false")
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -109,7 +121,7 @@ class MessageRecipient(Base):
         ),
         CheckConstraint(
             "status IN ('queued', 'sending', 'sent', 'delivered', 'failed', 'undelivered', "
-            "'skipped')",
+            "'skipped', 'unconfirmed')",
             name="status",
         ),
         {"postgresql_partition_by": "RANGE (created_at)"},
@@ -136,3 +148,20 @@ class MessageRecipient(Base):
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finalized_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SenderPause(Base):
+    """Sending stopped by the provider's refusal of a whole scope: the account (a rotated
+    key, a disabled profile, a spend limit) or one sending number (spam-blocked, campaign
+    rejected). Work waits; nobody is failed, refunded or dead-lettered for it."""
+
+    __tablename__ = "sender_pauses"
+    __table_args__ = (CheckConstraint("scope IN ('account', 'number')", name="scope"),)
+
+    scope: Mapped[str] = mapped_column(String(10), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(200))
+    error_code: Mapped[str | None] = mapped_column(String(20))
+    paused_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    next_probe_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    probes: Mapped[int] = mapped_column(Integer, server_default="0")

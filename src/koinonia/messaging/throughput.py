@@ -1,8 +1,12 @@
-"""Our own send rate per sending number, shared by every worker through Redis.
+"""Our own send rates, shared by every worker through Redis: the whole Telnyx account's
+and each sending number's.
 
-Telnyx queues what a number cannot send at once; we keep to the number's rate ourselves
-so that queue never becomes the buffer. A GCRA that hands out up to `wanted` sends at a
-time (a burst of one second's worth): one Redis call per chunk, not per SMS.
+Telnyx limits the account (50 SMS/s by default) and each sender (by number type and
+10DLC campaign), and queues what exceeds them until its queue is full. We keep under
+both limits ourselves so that queue never becomes the buffer. One GCRA per bucket hands
+out up to `wanted` sends at a time (a burst of one second's worth): one Redis call per
+chunk, not per SMS, and both buckets are charged in the same atomic script. When Telnyx
+paces us anyway (429, queue full) `cool_down` stops every worker for the time it asked.
 """
 
 from __future__ import annotations
@@ -16,50 +20,105 @@ from redis.exceptions import RedisError
 
 log = structlog.get_logger(__name__)
 
-# KEYS[1]: the number's theoretical arrival time (ms). ARGV: wanted, interval ms, burst.
-# Returns {granted, wait_ms}: wait_ms is how long until one more send may go.
+ACCOUNT_BUCKET = "sendrate:account"
+COOL_DOWN_KEY = "sendrate:cooldown"
+
+# KEYS: account bucket, number bucket, cool-down. ARGV: wanted, account interval ms,
+# account burst, number interval ms, number burst. Returns {granted, wait_ms}.
 _SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local wanted, interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
-local room = math.floor((now + interval * burst - tat) / interval)
-local granted = math.max(0, math.min(wanted, room))
-if granted > 0 then
-  tat = tat + granted * interval
-  redis.call('SET', KEYS[1], tat, 'PX', math.ceil(tat - now) + 1000)
+local cool = redis.call('PTTL', KEYS[3])
+if cool > 0 then return {0, cool} end
+local wanted = tonumber(ARGV[1])
+local function room(key, interval, burst)
+  local tat = math.max(tonumber(redis.call('GET', key) or '0'), now)
+  return tat, math.floor((now + interval * burst - tat) / interval)
 end
-local wait = math.max(0, tat - (now + interval * (burst - 1)))
+local ai, ab, ni, nb = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local atat, aroom = room(KEYS[1], ai, ab)
+local ntat, nroom = room(KEYS[2], ni, nb)
+local granted = math.max(0, math.min(wanted, aroom, nroom))
+if granted > 0 then
+  atat = atat + granted * ai
+  ntat = ntat + granted * ni
+  redis.call('SET', KEYS[1], atat, 'PX', math.ceil(atat - now) + 1000)
+  redis.call('SET', KEYS[2], ntat, 'PX', math.ceil(ntat - now) + 1000)
+end
+local wait = math.max(0, atat - (now + ai * (ab - 1)), ntat - (now + ni * (nb - 1)))
 return {granted, math.ceil(wait)}
 """
 
 
-class NumberThroughput:
-    def __init__(self, redis: Redis, per_second: float) -> None:
-        self._redis = redis
-        self._script = redis.register_script(_SCRIPT)
+class _LocalBucket:
+    def __init__(self, per_second: float) -> None:
         self.interval_ms = 1000.0 / per_second
         self.burst = max(1, math.floor(per_second))
-        self._local: dict[str, float] = {}
+        self.tat = 0.0
+
+    def room(self, now: float) -> int:
+        self.tat = max(self.tat, now)
+        return math.floor((now + self.interval_ms * self.burst - self.tat) / self.interval_ms)
+
+    def charge(self, granted: int) -> None:
+        self.tat += granted * self.interval_ms
+
+    def wait(self, now: float) -> float:
+        return max(0.0, self.tat - (now + self.interval_ms * (self.burst - 1)))
+
+
+class SendThroughput:
+    """The account's rate and each number's (a default, overridden per number)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        account_per_second: float,
+        number_per_second: float,
+        number_overrides: dict[str, float] | None = None,
+    ) -> None:
+        self._redis = redis
+        self._script = redis.register_script(_SCRIPT)
+        self.account_per_second = account_per_second
+        self.number_per_second = number_per_second
+        self.overrides = dict(number_overrides or {})
+        self._local: dict[str, _LocalBucket] = {}
+
+    def rate_of(self, number: str) -> float:
+        return self.overrides.get(number, self.number_per_second)
+
+    @staticmethod
+    def _shape(per_second: float) -> tuple[float, int]:
+        return 1000.0 / per_second, max(1, math.floor(per_second))
 
     async def take(self, number: str, wanted: int) -> tuple[int, float]:
         """(sends granted now, seconds until the next one may go)."""
+        account_interval, account_burst = self._shape(self.account_per_second)
+        number_interval, number_burst = self._shape(self.rate_of(number))
         try:
             granted, wait_ms = await self._script(
-                keys=[f"sendrate:{number}"], args=[wanted, self.interval_ms, self.burst]
+                keys=[ACCOUNT_BUCKET, f"sendrate:{number}", COOL_DOWN_KEY],
+                args=[wanted, account_interval, account_burst, number_interval, number_burst],
             )
             return int(granted), int(wait_ms) / 1000
         except (RedisError, OSError) as error:
             log.warning("send_rate_degraded", error=type(error).__name__)
             return self._take_locally(number, wanted)
 
+    async def cool_down(self, seconds: float) -> None:
+        """Telnyx asked us to slow down: no worker sends for `seconds`."""
+        try:
+            await self._redis.set(COOL_DOWN_KEY, 1, px=max(1, int(seconds * 1000)), nx=True)
+        except (RedisError, OSError) as error:
+            log.warning("send_rate_degraded", error=type(error).__name__)
+
     def _take_locally(self, number: str, wanted: int) -> tuple[int, float]:
-        """Without Redis: the same algorithm per process (each worker keeps to the rate)."""
+        """Without Redis: the same algorithm per process (each worker keeps to the rates)."""
         now = time.monotonic() * 1000
-        tat = max(self._local.get(number, now), now)
-        room = math.floor((now + self.interval_ms * self.burst - tat) / self.interval_ms)
-        granted = max(0, min(wanted, room))
-        tat += granted * self.interval_ms
-        self._local[number] = tat
-        wait = max(0.0, tat - (now + self.interval_ms * (self.burst - 1)))
-        return granted, wait / 1000
+        account = self._local.setdefault(ACCOUNT_BUCKET, _LocalBucket(self.account_per_second))
+        sender = self._local.setdefault(number, _LocalBucket(self.rate_of(number)))
+        granted = max(0, min(wanted, account.room(now), sender.room(now)))
+        account.charge(granted)
+        sender.charge(granted)
+        return granted, max(account.wait(now), sender.wait(now)) / 1000

@@ -13,7 +13,7 @@ from procrastinate.exceptions import AlreadyEnqueued
 from sqlalchemy import select
 
 from koinonia.accounts.tables import Church
-from koinonia.jobs import resources
+from koinonia.jobs import JOB_RETRY, resources
 from koinonia.numbers.service import ASSIGNED, provision
 
 blueprint = Blueprint()
@@ -42,7 +42,9 @@ async def provision_number(church_id: str) -> None:
 
 
 @blueprint.periodic(cron="*/5 * * * *")
-@blueprint.task(name="retry_stuck_numbers", queue=NUMBERS_QUEUE, queueing_lock="stuck-numbers")
+@blueprint.task(
+    name="retry_stuck_numbers", queue=NUMBERS_QUEUE, queueing_lock="stuck-numbers", retry=JOB_RETRY
+)
 async def retry_stuck_numbers(timestamp: int) -> None:
     """Churches whose number is not assigned 2 minutes after sign-up get another job."""
     job = resources()

@@ -1,20 +1,25 @@
-"""`GET /api/v1/admin/slow-queries`, `/cache` and `/circuit-breakers` (operators only)."""
+"""`GET /api/v1/admin/slow-queries`, `/cache`, `/circuit-breakers` and
+`/sending-pauses` (operators only)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request, Response
 from prometheus_client import REGISTRY
 from pydantic import BaseModel
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
 from koinonia.accounts.deps import Operator
+from koinonia.audit import service as audit
 from koinonia.breaker import CircuitBreaker
 from koinonia.cache import PREFIX
-from koinonia.errors import ServiceUnavailableError, problem_responses
+from koinonia.errors import NotFoundError, ServiceUnavailableError, problem_responses
 from koinonia.http.deps import AppSettings, DbSession, RedisClient
+from koinonia.messaging import pauses
+from koinonia.messaging.tables import SenderPause
 
 router = APIRouter(prefix="/api/v1/admin", tags=["operations"])
 
@@ -173,3 +178,70 @@ async def circuit_breakers(_: Operator, redis: RedisClient) -> BreakerReport:
             )
         )
     return BreakerReport(data=data)
+
+
+class PauseOut(BaseModel):
+    scope: Literal["account", "number"]
+    key: str  # "telnyx" for the account, the sending number for a number pause
+    reason: str
+    error_code: str | None
+    paused_at: datetime
+    next_probe_at: datetime
+    probes: int
+
+
+class PauseReport(BaseModel):
+    data: list[PauseOut]
+
+
+@router.get(
+    "/sending-pauses",
+    response_model=PauseReport,
+    summary="Senders paused after the provider refused a whole account or number",
+    description="Sending stops for the scope (nobody is failed or refunded); a probe "
+    "retries after a growing wait and lifts the pause when the provider accepts again.",
+    responses=problem_responses(401, 403),
+)
+async def sending_pauses(_: Operator, session: DbSession) -> PauseReport:
+    rows = await session.scalars(select(SenderPause).order_by(SenderPause.paused_at))
+    return PauseReport(
+        data=[
+            PauseOut(
+                scope="account" if p.scope == pauses.ACCOUNT else "number",
+                key=p.key,
+                reason=p.reason,
+                error_code=p.error_code,
+                paused_at=p.paused_at,
+                next_probe_at=p.next_probe_at,
+                probes=p.probes,
+            )
+            for p in rows
+        ]
+    )
+
+
+@router.delete(
+    "/sending-pauses/{scope}/{key}",
+    status_code=204,
+    summary="Lift a sending pause (after fixing the account or number at the provider)",
+    description="Waiting batches are woken at once.",
+    responses=problem_responses(401, 403, 404),
+)
+async def clear_sending_pause(
+    scope: Literal["account", "number"],
+    key: Annotated[str, Path(max_length=64, pattern=r"^(telnyx|\+[1-9][0-9]{7,14})$")],
+    principal: Operator,
+    session: DbSession,
+) -> Response:
+    if not await pauses.clear(session, scope, key):
+        raise NotFoundError("No such pause")
+    audit.record(
+        session,
+        action="sending_pause.cleared",
+        church_id=None,
+        actor_id=principal.actor_id,
+        actor_kind=principal.actor_kind,
+        target_type=f"sending_pause.{scope}",
+        target_id=key if scope == pauses.ACCOUNT else f"…{key[-4:]}",
+    )
+    return Response(status_code=204)

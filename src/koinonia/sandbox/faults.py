@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
+
+from starlette.requests import Request
 
 from koinonia.sandbox.state import SandboxState
 
@@ -21,3 +24,14 @@ async def maybe_hang(state: SandboxState) -> None:
     """A timeout fault: hold the answer longer than any sane client waits."""
     if state.roll(state.faults.timeout_rate):
         await asyncio.sleep(state.config.timeout_hold_seconds)
+
+
+async def hang_until_gone(request: Request, state: SandboxState) -> bool:
+    """An `accept_then_hang_rate` fault: hold the answer until the client hangs up (True),
+    or for at most `timeout_hold_seconds` (False), so a server can still shut down."""
+    deadline = time.monotonic() + state.config.timeout_hold_seconds
+    while time.monotonic() < deadline:
+        if await request.is_disconnected():
+            return True
+        await asyncio.sleep(0.05)
+    return False

@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, Field
 
+from koinonia.sandbox.limits import AcceptanceStats, Throughput
+
 
 @dataclass(frozen=True)
 class SandboxConfig:
@@ -56,6 +58,14 @@ class Faults(BaseModel):
     latency_ms: int = Field(0, ge=0, le=60_000)
     timeout_rate: float = Field(0.0, ge=0, le=1)
     delivery_failure_rate: float = Field(0.0, ge=0, le=1)
+    # Telnyx only. A `status` of 401 or 403 answers Telnyx's code (10009, 10010).
+    spend_limit_reached: bool = False  # every send: 40333, account-wide
+    blocked_numbers: list[str] = Field(default_factory=list)  # sends from these: 40003
+    # Accepted and logged, with receipts, but no answer until the client gives up.
+    accept_then_hang_rate: float = Field(0.0, ge=0, le=1)
+    receipt_delay_ms: int | None = Field(None, ge=0, le=600_000)  # overrides the config's
+    duplicate_receipt_rate: float = Field(0.0, ge=0, le=1)  # each receipt sent twice
+    reorder_receipts: bool = False  # `message.finalized` before `message.sent`
 
 
 @dataclass
@@ -72,6 +82,8 @@ class SandboxState:
     telnyx_numbers: dict[str, dict[str, Any]] = field(default_factory=dict)  # by E.164
     telnyx_orders: dict[str, dict[str, Any]] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    throughput: Throughput = field(default_factory=Throughput)
+    stats: AcceptanceStats = field(default_factory=AcceptanceStats)
     # Webhook POSTs in flight at once. Without a bound, a 10,000-text burst queues 20,000
     # requests inside httpx's pool, whose request assignment is quadratic in that queue.
     delivery_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(16))

@@ -16,12 +16,21 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from koinonia.messaging.segments import count
-from koinonia.sandbox.faults import inject, maybe_hang
+from koinonia.sandbox.faults import hang_until_gone, inject, maybe_hang
+from koinonia.sandbox.limits import NO_LIMITS, AcceptanceStats, Limits, Throughput
 from koinonia.sandbox.signing import telnyx_headers
 from koinonia.sandbox.state import SandboxState
 
 router = APIRouter()
-E164 = re.compile(r"^\+[1-9]\d{7,14}$")
+# ASCII digits only (`\d` also matches other scripts' digits); used with fullmatch, as
+# `$` would let a trailing newline through.
+E164 = re.compile(r"\+[1-9][0-9]{7,14}", re.ASCII)
+# What Telnyx answers with an injected fault's status.
+FAULT_ERRORS = {
+    401: ("10009", "Authentication failed"),
+    403: ("10010", "Authorization failed"),
+    429: ("10011", "Too many requests"),
+}
 
 
 def now() -> str:
@@ -38,6 +47,11 @@ def telnyx_error(
     return JSONResponse({"errors": [error]}, status_code=status, headers=headers)
 
 
+def fault_error(status: int) -> JSONResponse:
+    code, title = FAULT_ERRORS.get(status, ("10007", "Unexpected error"))
+    return telnyx_error(status, code, title, "Sandbox fault")
+
+
 def _state(request: Request) -> SandboxState:
     state: SandboxState = request.app.state.sandbox
     return state
@@ -48,7 +62,11 @@ def _authorised(request: Request, state: SandboxState) -> bool:
 
 
 async def deliver(
-    request: Request, urls: list[str], event_type: str, payload: dict[str, Any]
+    request: Request,
+    urls: list[str],
+    event_type: str,
+    payload: dict[str, Any],
+    event_id: str | None = None,
 ) -> int | None:
     """POST one signed event, retrying then trying the failover URL, as Telnyx does;
     answers the receiver's status (None when nothing answered below 500)."""
@@ -57,7 +75,7 @@ async def deliver(
         return None
     event = {
         "event_type": event_type,
-        "id": str(uuid.uuid4()),
+        "id": event_id or str(uuid.uuid4()),
         "occurred_at": now(),
         "record_type": "event",
         "payload": payload,
@@ -81,16 +99,34 @@ async def deliver(
     return None
 
 
-async def _receipts(request: Request, message: dict[str, Any], urls: list[str]) -> None:
+async def _receipts(
+    request: Request, message: dict[str, Any], urls: list[str], leaves_in: float
+) -> None:
+    """`message.sent` once the text leaves Telnyx's queue, then `message.finalized`."""
     state = _state(request)
-    delay = state.config.delivery_delay_ms / 1000
-    await asyncio.sleep(delay)
+    faults = state.faults
+    delay_ms = faults.receipt_delay_ms
+    delay = (state.config.delivery_delay_ms if delay_ms is None else delay_ms) / 1000
+    await asyncio.sleep(leaves_in + delay)
     sent = json.loads(json.dumps(message))
     sent["to"][0]["status"] = "sent"
     sent["sent_at"] = now()
-    await deliver(request, urls, "message.sent", sent)
+    if faults.reorder_receipts:
+        final = _finalized(state, message, sent)
+        await _emit(request, urls, "message.finalized", final)
+        await asyncio.sleep(delay)
+        await _emit(request, urls, "message.sent", sent)
+        return
+    await _emit(request, urls, "message.sent", sent)
     await asyncio.sleep(delay)
-    final = json.loads(json.dumps(sent))
+    await _emit(request, urls, "message.finalized", _finalized(state, message, sent))
+
+
+def _finalized(
+    state: SandboxState, message: dict[str, Any], sent: dict[str, Any]
+) -> dict[str, Any]:
+    """The final receipt; its status is also what `GET /v2/messages/{id}` shows."""
+    final: dict[str, Any] = json.loads(json.dumps(sent))
     if state.roll(state.faults.delivery_failure_rate):
         final["to"][0]["status"] = "delivery_failed"
         final["errors"] = [
@@ -105,7 +141,17 @@ async def _receipts(request: Request, message: dict[str, Any], urls: list[str]) 
     final["completed_at"] = now()
     final["cost"] = {"amount": f"{0.004 * final['parts']:.4f}", "currency": "USD"}
     message["to"][0]["status"] = final["to"][0]["status"]
-    await deliver(request, urls, "message.finalized", final)
+    return final
+
+
+async def _emit(
+    request: Request, urls: list[str], event_type: str, payload: dict[str, Any]
+) -> None:
+    """One receipt; at `duplicate_receipt_rate` the same event (same id) arrives twice."""
+    state = _state(request)
+    event_id = str(uuid.uuid4())
+    for _ in range(2 if state.roll(state.faults.duplicate_receipt_rate) else 1):
+        await deliver(request, urls, event_type, payload, event_id)
 
 
 @router.post("/v2/messages")
@@ -117,16 +163,18 @@ async def send_message(request: Request) -> JSONResponse:
         )
     fault = await inject(state)
     if fault is not None:
-        if fault == 429:
-            return telnyx_error(429, "10011", "Too many requests", "Rate limited")
-        return telnyx_error(fault, "10007", "Unexpected error", "Sandbox fault")
+        return fault_error(fault)
+    if state.faults.spend_limit_reached:
+        return telnyx_error(
+            400, "40333", "Spend limit reached", "The account's spend limit is reached"
+        )
     try:
         body = await request.json()
         sender, to, text = str(body["from"]), str(body["to"]), str(body["text"])
     except (ValueError, KeyError, TypeError):
         return telnyx_error(422, "10015", "Invalid request", "from, to and text are required")
     for field, value in (("from", sender), ("to", to)):
-        if not E164.match(value):
+        if not E164.fullmatch(value):
             return telnyx_error(
                 422,
                 "10016",
@@ -134,6 +182,14 @@ async def send_message(request: Request) -> JSONResponse:
                 f"'{field}' is not E.164",
                 f"/{field}",
             )
+    if sender in state.faults.blocked_numbers:
+        return telnyx_error(
+            400,
+            "40003",
+            "Blocked as spam - permanent",
+            "The carrier blocks texts from this number as spam",
+            "/from",
+        )
     if to.endswith("0000"):
         return telnyx_error(
             400, "40300", "Blocked due to STOP message", "The recipient opted out", "/to"
@@ -144,6 +200,12 @@ async def send_message(request: Request) -> JSONResponse:
         return telnyx_error(
             400, "40310", "Invalid destination", "The number cannot receive SMS", "/to"
         )
+    leaves_in = state.throughput.admit(sender, time.monotonic())
+    if leaves_in is None:
+        return telnyx_error(
+            400, "40318", "Message queue full", "Too many texts queued for this number", "/from"
+        )
+    state.stats.record(sender, time.time())
     segments = count(text)
     message: dict[str, Any] = {
         "record_type": "message",
@@ -168,8 +230,13 @@ async def send_message(request: Request) -> JSONResponse:
     }
     state.telnyx_messages.append(message)
     if state.config.telnyx_receipts:
-        state.spawn(_receipts(request, message, _receipt_urls(state, body, sender)))
+        urls = _receipt_urls(state, body, sender)
+        state.spawn(_receipts(request, message, urls, leaves_in))
     await maybe_hang(state)  # accepted, but the answer may never come: ambiguous
+    if state.roll(state.faults.accept_then_hang_rate):
+        gone = await hang_until_gone(request, state)
+        if not gone:  # a client that waits this long gets a load balancer's answer
+            return telnyx_error(504, "10007", "Gateway timeout", "No answer in time")
     return JSONResponse({"data": message})
 
 
@@ -201,7 +268,7 @@ async def balance(request: Request) -> JSONResponse:
         return telnyx_error(401, "10009", "Authentication failed", "Wrong API key")
     fault = await inject(state)  # the health probe sees an outage too
     if fault is not None:
-        return telnyx_error(fault, "10007", "Unexpected error", "Sandbox fault")
+        return fault_error(fault)
     return JSONResponse(
         {"data": {"record_type": "balance", "balance": "100.00", "currency": "USD"}}
     )
@@ -246,3 +313,34 @@ async def accepted_messages(request: Request, to: str | None = None) -> JSONResp
 @router.delete("/sandbox/messages", status_code=204, tags=["sandbox"])
 async def clear_messages(request: Request) -> None:
     _state(request).telnyx_messages.clear()
+
+
+@router.get("/sandbox/limits", tags=["sandbox"])
+async def get_limits(request: Request) -> Limits:
+    return _state(request).throughput.limits
+
+
+@router.post("/sandbox/limits", tags=["sandbox"])
+async def set_limits(limits: Limits, request: Request) -> Limits:
+    """Telnyx's throughput limits from now on; the queues start empty."""
+    _state(request).throughput = Throughput(limits)
+    return limits
+
+
+@router.delete("/sandbox/limits", status_code=204, tags=["sandbox"])
+async def clear_limits(request: Request) -> None:
+    _state(request).throughput = Throughput(NO_LIMITS)
+
+
+@router.get("/sandbox/stats", tags=["sandbox"])
+async def send_stats(request: Request) -> JSONResponse:
+    """Texts accepted per second of arrival, account-wide and per sending number, and
+    how many each number has waiting in Telnyx's queue now."""
+    state = _state(request)
+    queued = state.throughput.queued(time.monotonic())
+    return JSONResponse(state.stats.report() | {"queued": queued})
+
+
+@router.delete("/sandbox/stats", status_code=204, tags=["sandbox"])
+async def clear_stats(request: Request) -> None:
+    _state(request).stats = AcceptanceStats()

@@ -1,14 +1,21 @@
 """Workers apply stored Telnyx events in batches (claimed with SKIP LOCKED, so any
-number of workers share the inbox). An event that keeps failing is dead-lettered after
-`MAX_ATTEMPTS` instead of blocking the ones behind it."""
+number of workers share the inbox). An event that fails to apply is retried with
+exponential backoff over minutes (`RETRY`: its `next_attempt_at` keeps it out of the claim
+meanwhile, so events behind it go on) and dead-lettered only after `RETRY.max_attempts`,
+with an `inbound_event_dead_lettered` error log and a counter for alerts. An inbound STOP
+is already suppressed when its event was stored (event_writer.py); an opt-in lifts an
+older suppression here, by event time, so a later STOP always wins."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import structlog
 from procrastinate import App
+from prometheus_client import Counter
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -18,14 +25,41 @@ from koinonia.deadletters import service as dead_letters
 from koinonia.members.crypto import ContactCipher
 from koinonia.messaging import receipts as broadcast_receipts
 from koinonia.messaging import refs
+from koinonia.messaging import suppressions as suppression_list
 
 log = structlog.get_logger(__name__)
-MAX_ATTEMPTS = 5
 RECEIPT_TYPES = frozenset({"message.sent", "message.finalized"})
+INBOUND_TYPE = "message.received"
+EVENTS_DEAD_LETTERED = Counter(
+    "koinonia_webhook_events_dead_lettered_total",
+    "Telnyx events dead-lettered after every retry failed (inbound: an alert)",
+    ["kind"],  # inbound | receipt | other
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with equal jitter: attempt n waits between half and all of
+    `min(cap, base * 2**(n-1))`. The defaults retry for about 20 minutes in all.
+    Candidate settings: WEBHOOK_APPLY_MAX_ATTEMPTS, WEBHOOK_APPLY_RETRY_BASE_SECONDS,
+    WEBHOOK_APPLY_RETRY_CAP_SECONDS."""
+
+    max_attempts: int = 10
+    base_seconds: float = 5.0
+    cap_seconds: float = 300.0
+
+    def delay(self, attempts: int) -> float:
+        ceiling = min(self.cap_seconds, self.base_seconds * 2 ** max(0, attempts - 1))
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security
+
+
+RETRY = RetryPolicy()
+MAX_ATTEMPTS = RETRY.max_attempts
 
 CLAIM_SQL = """
-SELECT id, event_type, payload, attempts FROM webhook_events
+SELECT id, event_type, payload, attempts, received_at FROM webhook_events
 WHERE provider = 'telnyx' AND processed_at IS NULL
+  AND (next_attempt_at IS NULL OR next_attempt_at <= now())
 ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED
 """
 
@@ -42,23 +76,35 @@ class EventRow:
     event_type: str
     payload: dict[str, Any]
     attempts: int
+    received_at: datetime
 
 
 async def apply_pending(
-    database: Database, cipher: ContactCipher, job_app: App, ref_key: bytes, limit: int
+    database: Database,
+    cipher: ContactCipher,
+    job_app: App,
+    ref_key: bytes,
+    limit: int,
+    *,
+    retry: RetryPolicy | None = None,
+    suppression_key: bytes | None = None,
 ) -> Applied:
-    """Apply one batch; answers how many events were applied (0: the inbox is empty)."""
+    """Apply one batch; answers how many events were applied (0: the inbox is empty).
+
+    `suppression_key` is the member HMAC key (`suppressions.suppression_key(settings)`);
+    by default the one `cipher` was built with, which is the same key."""
+    key = suppression_key if suppression_key is not None else cipher._hmac_key
     try:
         async with database.unit_of_work() as session:
             rows = [EventRow(*r) for r in await session.execute(text(CLAIM_SQL), {"limit": limit})]
             if not rows:
                 return Applied()
-            await _apply(session, rows, cipher, job_app, ref_key)
+            await _apply(session, rows, cipher, job_app, ref_key, key)
             await _mark(session, [r.id for r in rows])
             return Applied(events=len(rows))
     except Exception as error:
         log.warning("event_batch_failed", error=type(error).__name__)
-    return await _one_by_one(database, cipher, job_app, ref_key, limit)
+    return await _one_by_one(database, cipher, job_app, ref_key, key, limit, retry or RETRY)
 
 
 async def _apply(
@@ -67,6 +113,7 @@ async def _apply(
     cipher: ContactCipher,
     job_app: App,
     ref_key: bytes,
+    suppression_key: bytes,
 ) -> None:
     to_broadcasts: list[broadcast_receipts.Receipt] = []
     to_replies: list[broadcast_receipts.Receipt] = []
@@ -83,7 +130,8 @@ async def _apply(
                 to_broadcasts.append(receipt)
             else:
                 to_replies.append(receipt)
-        elif row.event_type == "message.received":
+        elif row.event_type == INBOUND_TYPE:
+            await _lift_on_opt_in(session, row, suppression_key)
             inbound = parse_inbound(row.payload)
             if inbound is not None:
                 outcome = await handle_inbound(session, job_app, cipher, inbound)
@@ -94,6 +142,16 @@ async def _apply(
         await apply_reply_receipts(session, to_replies)
 
 
+async def _lift_on_opt_in(session: AsyncSession, row: EventRow, key: bytes) -> None:
+    """START/UNSTOP/YES lifts the sender's suppression, unless an opt-out is newer."""
+    keyword = suppression_list.inbound_keyword(row.payload, key)
+    if keyword is None or keyword.keyword != "opt_in":
+        return
+    at = keyword.at or row.received_at
+    if await suppression_list.lift(session, keyword.sender, keyword.phone_hmac, at):
+        log.info("suppression_lifted", webhook_event_id=row.id)
+
+
 async def _mark(session: AsyncSession, ids: list[int]) -> None:
     await session.execute(
         text("UPDATE webhook_events SET processed_at = now() WHERE id = ANY(:ids)"),
@@ -102,7 +160,13 @@ async def _mark(session: AsyncSession, ids: list[int]) -> None:
 
 
 async def _one_by_one(
-    database: Database, cipher: ContactCipher, job_app: App, ref_key: bytes, limit: int
+    database: Database,
+    cipher: ContactCipher,
+    job_app: App,
+    ref_key: bytes,
+    suppression_key: bytes,
+    limit: int,
+    retry: RetryPolicy,
 ) -> Applied:
     applied = Applied()
     async with database.unit_of_work() as session:
@@ -110,33 +174,69 @@ async def _one_by_one(
         for row in rows:
             try:
                 async with session.begin_nested():
-                    await _apply(session, [row], cipher, job_app, ref_key)
+                    await _apply(session, [row], cipher, job_app, ref_key, suppression_key)
                 await _mark(session, [row.id])
                 applied.events += 1
             except Exception as error:
                 applied.failed += 1
-                await _failed(session, row, error)
+                await _failed(session, row, error, retry)
     return applied
 
 
-async def _failed(session: AsyncSession, row: EventRow, error: Exception) -> None:
+async def _failed(
+    session: AsyncSession, row: EventRow, error: Exception, retry: RetryPolicy
+) -> None:
     attempts = row.attempts + 1
     message = f"{type(error).__name__}: {str(error)[:200]}"
-    gave_up = attempts >= MAX_ATTEMPTS
+    gave_up = attempts >= retry.max_attempts
+    delay = 0.0 if gave_up else retry.delay(attempts)
     await session.execute(
         text(
             "UPDATE webhook_events SET attempts = :attempts, last_error = :error, "
-            "processed_at = CASE WHEN :gave_up THEN now() END WHERE id = :id"
+            "processed_at = CASE WHEN :gave_up THEN now() END, "
+            "next_attempt_at = CASE WHEN :gave_up THEN NULL "
+            "ELSE now() + make_interval(secs => :delay) END WHERE id = :id"
         ),
-        {"attempts": attempts, "error": message, "gave_up": gave_up, "id": row.id},
+        {
+            "attempts": attempts,
+            "error": message,
+            "gave_up": gave_up,
+            "delay": delay,
+            "id": row.id,
+        },
     )
-    if gave_up:
-        await dead_letters.record(
-            session,
-            kind="webhook.telnyx",
-            church_id=None,
-            payload={"webhook_event_id": row.id, "event_type": row.event_type},
-            error=message,
-            error_code=None,
+    if not gave_up:
+        log.warning(
+            "event_apply_retry_scheduled",
+            webhook_event_id=row.id,
+            event_type=row.event_type,
             attempts=attempts,
+            retry_in_seconds=round(delay, 1),
+            error=type(error).__name__,
         )
+        return
+    kind = (
+        "inbound"
+        if row.event_type == INBOUND_TYPE
+        else "receipt"
+        if row.event_type in RECEIPT_TYPES
+        else "other"
+    )
+    EVENTS_DEAD_LETTERED.labels(kind).inc()
+    # Never the payload or the error text: either may carry phone numbers.
+    log.error(
+        "inbound_event_dead_lettered" if kind == "inbound" else "webhook_event_dead_lettered",
+        webhook_event_id=row.id,
+        event_type=row.event_type,
+        attempts=attempts,
+        error=type(error).__name__,
+    )
+    await dead_letters.record(
+        session,
+        kind="webhook.telnyx",
+        church_id=None,
+        payload={"webhook_event_id": row.id, "event_type": row.event_type},
+        error=message,
+        error_code=None,
+        attempts=attempts,
+    )

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from koinonia.breaker import CircuitBreaker
 from koinonia.health.checks import Degraded, HealthCheck
+from koinonia.messaging.suppressions import suppression_key
 from koinonia.settings import Settings
 from koinonia.telnyx.client import TelnyxClient
 from koinonia.telnyx.event_writer import EventWriter
@@ -31,7 +32,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     client = TelnyxClient(settings, max_connections=16)
     app.state.telnyx = client
     app.state.health_checks.append(telnyx_health(client, CircuitBreaker(app.state.redis, "telnyx")))
-    events = EventWriter(settings.database_url, "telnyx")
+    events = EventWriter(settings.database_url, "telnyx", suppression_key=suppression_key(settings))
     await events.open()
     app.state.telnyx_events = events
     try:

@@ -13,6 +13,7 @@ from koinonia.jobs import JobResources
 from koinonia.members.crypto import ContactCipher
 from koinonia.messaging.jobs import send_context
 from koinonia.messaging.reconcile import reconcile
+from koinonia.messaging.suppressions import suppression_key
 from koinonia.telnyx.events import apply_pending
 
 log = structlog.get_logger(__name__)
@@ -25,7 +26,14 @@ async def apply_events_forever(job: JobResources) -> None:
     limit = job.settings.webhook_apply_batch_size
     while True:
         try:
-            applied = await apply_pending(job.database, cipher, job.job_app, context.ref_key, limit)
+            applied = await apply_pending(
+                job.database,
+                cipher,
+                job.job_app,
+                context.ref_key,
+                limit,
+                suppression_key=suppression_key(job.settings),
+            )
         except Exception:  # a database outage: keep the loop alive and try again
             log.exception("event_loop_error")
             applied = None

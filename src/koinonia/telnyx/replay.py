@@ -17,7 +17,8 @@ async def replay_event(session: AsyncSession, context: ReplayContext, entry: Dea
     del context
     reopened = await session.execute(
         text(
-            "UPDATE webhook_events SET processed_at = NULL, attempts = 0, last_error = NULL "
+            "UPDATE webhook_events SET processed_at = NULL, attempts = 0, last_error = NULL, "
+            "next_attempt_at = NULL "
             "WHERE id = :id AND provider = 'telnyx' RETURNING id"
         ),
         {"id": int(entry.payload["webhook_event_id"])},

@@ -51,9 +51,11 @@ def _event(body: bytes) -> dict[str, Any]:
     summary="Telnyx webhook (receipts and inbound SMS)",
     description="Verifies the Ed25519 signature over `telnyx-timestamp|raw body` (5-minute "
     "window) before touching anything, stores the event once per event id and answers at "
-    "once; workers apply stored events in batches. `ref` is the reference Koinonia put in "
-    "a send's `webhook_url`.",
-    responses=problem_responses(401, 413, 429),
+    "once; workers apply stored events in batches. An opt-out keyword (STOP, …) is "
+    "suppressed in the same statement that stores its event. `503 service_unavailable` "
+    "(with `Retry-After`) within about 2 s when the event cannot be stored; Telnyx retries "
+    "it. `ref` is the reference Koinonia put in a send's `webhook_url`.",
+    responses=problem_responses(401, 413, 429, 503),
 )
 async def telnyx_webhook(
     request: Request,
@@ -71,5 +73,6 @@ async def telnyx_webhook(
         event["koinonia_ref"] = ref
     data = event["data"]
     writer: EventWriter = request.app.state.telnyx_events
+    # Raises EventStoreUnavailableError (503 + Retry-After) on any storage failure or timeout.
     new = await writer.store(data["id"][:100], data["event_type"][:100], event)
     return TelnyxAck(received=True, duplicate=not new)
