@@ -19,6 +19,7 @@ from koinonia.settings import Settings
 from koinonia.telnyx.events import apply_pending
 from tests.messaging.conftest import SendingChurch, WorkerFactory, eventually
 from tests.support.api import add_member
+from tests.support.servers import free_port
 
 DLQ = "/api/v1/admin/dlq"
 
@@ -33,8 +34,8 @@ async def test_exhausted_send_is_dead_lettered_and_replayed_once(
     operator = await tenant_factory(is_operator=True)
     headers = sending_church.headers
     member = await add_member(client, sending_church.account)
-    # Telnyx answers 429 to everything: nothing goes out, retries run out.
-    await sandbox_http.post("/sandbox/faults", json={"error_rate": 1.0, "status": 429})
+    # Telnyx cannot be reached (a refused connection: surely not sent), so the retries run
+    # out. (A 429 would only slow sending down: throttling fails nobody.)
     sent = await client.post(
         "/api/v1/messages", json={"body": "Hi", "member_ids": [member["id"]]}, headers=headers
     )
@@ -47,7 +48,7 @@ async def test_exhausted_send_is_dead_lettered_and_replayed_once(
         return result
 
     retries_before = RETRIES.labels("telnyx_send")._value.get()
-    async with worker(telnyx_max_retries=1):
+    async with worker(telnyx_max_retries=1, telnyx_base_url=_unreachable()):
         await eventually(lambda: _when(counts(), lambda c: c["failed"] == 1), within=30)
     assert RETRIES.labels("telnyx_send")._value.get() == retries_before + 1  # counted
     refunded = (await client.get("/api/v1/billing/usage", headers=headers)).json()
@@ -61,7 +62,7 @@ async def test_exhausted_send_is_dead_lettered_and_replayed_once(
     assert listed.status_code == 200, listed.text
     [entry] = listed.json()["data"]
     assert entry["payload"]["message_id"] == message_id
-    assert entry["attempts"] == 2 and entry["error_code"] == "10011"
+    assert entry["attempts"] == 2 and entry["error_code"] == "retries_exhausted"
     assert member["phone"] not in str(entry)
 
     await sandbox_http.delete("/sandbox/faults")
@@ -80,6 +81,11 @@ async def test_exhausted_send_is_dead_lettered_and_replayed_once(
     assert len(log["data"]) == 1, "the phone got the text exactly once"
     billed = (await client.get("/api/v1/billing/usage", headers=headers)).json()
     assert billed["remaining"] == usage_before["remaining"]
+
+
+def _unreachable() -> str:
+    """A loopback port nothing listens on: every connection is refused."""
+    return f"http://127.0.0.1:{free_port()}"
 
 
 async def _when(value: Any, predicate: Any) -> Any:
@@ -101,7 +107,6 @@ async def test_exhausted_reply_is_dead_lettered_and_replayed(
         "/api/v1/conversations", json={"member_id": member["id"]}, headers=headers
     )
     messages_url = f"/api/v1/conversations/{started.json()['id']}/messages"
-    await sandbox_http.post("/sandbox/faults", json={"error_rate": 1.0, "status": 429})
     reply = await client.post(messages_url, json={"body": "See you Sunday"}, headers=headers)
     assert reply.status_code == 202, reply.text
 
@@ -111,7 +116,7 @@ async def test_exhausted_reply_is_dead_lettered_and_replayed(
         status: str = text["status"]
         return status
 
-    async with worker(telnyx_max_retries=1):
+    async with worker(telnyx_max_retries=1, telnyx_base_url=_unreachable()):
         await eventually(lambda: _when(reply_status(), lambda s: s == "failed"), within=30)
     listed = await client.get(
         DLQ,

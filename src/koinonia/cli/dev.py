@@ -69,6 +69,51 @@ def _wait_http(url: str, timeout: float = 30.0) -> bool:
     return False
 
 
+RESTART_FIRST_SECONDS = 1.0
+RESTART_MAX_SECONDS = 30.0
+RESTART_STABLE_SECONDS = 60.0  # a worker that ran this long restarts after the first delay
+
+
+class WorkerSlot:
+    """One `koinonia worker` child, started again when it exits (a worker exits non-zero
+    when its database stays unreachable past WORKER_DB_GRACE_SECONDS), after a backoff
+    that doubles while it keeps exiting soon after starting."""
+
+    def __init__(self, command: list[str], env: dict[str, str]) -> None:
+        self.command = command
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+        self.delay = RESTART_FIRST_SECONDS
+        self.started_at = 0.0
+        self.restart_at: float | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command, env=self.env)  # noqa: S603
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+    def tick(self) -> None:
+        """Notice an exit and schedule the restart, or restart when it is due."""
+        if self.process is None:
+            return
+        now = time.monotonic()
+        if self.restart_at is None:
+            code = self.process.poll()
+            if code is None:
+                return
+            if now - self.started_at >= RESTART_STABLE_SECONDS:
+                self.delay = RESTART_FIRST_SECONDS
+            typer.echo(
+                f"worker (pid {self.process.pid}) exited with status {code}; "
+                f"restarting it in {self.delay:.0f} s",
+                err=True,
+            )
+            self.restart_at = now + self.delay
+            self.delay = min(RESTART_MAX_SECONDS, self.delay * 2)
+        elif now >= self.restart_at:
+            self.start()
+
+
 def dev(
     workers: int = typer.Option(1, min=1, help="Worker processes"),
     seed: bool = typer.Option(True, help="Create the demo church if it is missing"),
@@ -101,10 +146,9 @@ def dev(
     processes = []
     if "sandbox" in available:
         processes.append(subprocess.Popen([*koinonia, "sandbox"], env=env))  # noqa: S603
-    processes += [
-        subprocess.Popen([*koinonia, "worker"], env=env)  # noqa: S603
-        for _ in range(workers)
-    ]
+    worker_slots = [WorkerSlot([*koinonia, "worker"], env) for _ in range(workers)]
+    for slot in worker_slots:
+        slot.start()
     processes.append(subprocess.Popen([*koinonia, "api"], env=env))  # noqa: S603
     api = f"http://{settings.api_host}:{settings.api_port}"
     try:
@@ -121,12 +165,15 @@ def dev(
             f"  sandbox      http://127.0.0.1:8010/sandbox/messages\n"
             "Press Ctrl-C to stop.\n"
         )
-        while all(p.poll() is None for p in processes):
+        while all(p.poll() is None for p in processes):  # the API and the sandbox
+            for slot in worker_slots:
+                slot.tick()
             time.sleep(0.5)
         typer.echo("a process exited; stopping the others", err=True)
     except KeyboardInterrupt:
         pass
     finally:
+        processes += [slot.process for slot in worker_slots if slot.process is not None]
         for process in processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)

@@ -61,6 +61,9 @@ def _authorised(request: Request, state: SandboxState) -> bool:
     return request.headers.get("authorization", "") == f"Bearer {state.config.telnyx_api_key}"
 
 
+RETRY_PAUSES_SECONDS = (0.05, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
 async def deliver(
     request: Request,
     urls: list[str],
@@ -82,7 +85,9 @@ async def deliver(
     }
     attempt = 0
     for url in urls:
-        for _ in range(3):
+        # Telnyx retries a webhook that got no 2xx for a while before the failover URL;
+        # ours rides out a receiver's short outage (a database restart) the same way.
+        for pause in RETRY_PAUSES_SECONDS:
             attempt += 1
             meta = {"attempt": attempt, "delivered_to": url}
             body = json.dumps({"data": event, "meta": meta}).encode()
@@ -95,7 +100,7 @@ async def deliver(
                     return response.status_code
             except httpx.HTTPError:  # the receiver is down: try again shortly
                 pass
-            await asyncio.sleep(0.05 * attempt)
+            await asyncio.sleep(pause)
     return None
 
 
