@@ -9,8 +9,8 @@ supervisor would), and a sandbox playing Telnyx with its own fault switches and 
 Steps: broadcasts now (with and without an `Idempotency-Key`; a create that failed
 without a key is never retried), scheduled a few seconds ahead, cancels, inbound STOP and
 HELP, provider faults (5xx, accepted-then-hung, 429, account-level 401, a full queue,
-receipts duplicated and out of order), the worker killed, PostgreSQL restarted or stopped
-for a while, and time passing. Each broadcast carries a unique token in its body.
+receipts duplicated and out of order), the worker killed, connections dropped, PostgreSQL
+restarted or stopped for a while, and time passing. Each broadcast carries a unique token in its body.
 
 After a sequence, once faults clear, these must hold:
 - at most one accepted text per (token, phone);
@@ -400,6 +400,21 @@ class SendingModel(RuleBasedStateMachine):
     def postgres_restarted(self, down: float) -> None:
         self.tally["postgres_restarted"] += 1
         self.env.cluster.restart(down_seconds=down)
+
+    @rule()
+    def connections_dropped(self) -> None:
+        self.tally["connections_dropped"] += 1
+        self.env.sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE pid <> pg_backend_pid() AND datname = 'koinonia'"
+        )
+
+    @rule(seconds=st.floats(4.0, 10.0))
+    def postgres_stopped_for_a_while(self, seconds: float) -> None:
+        self.tally["postgres_stopped_for_a_while"] += 1
+        self.env.cluster.stop()
+        time.sleep(seconds)
+        self.env.cluster.start()
 
     @rule(seconds=st.floats(0.2, 2.0))
     def time_passes(self, seconds: float) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -80,3 +82,32 @@ def test_segments_bound_units(text: str) -> None:
 )
 def test_keywords(text: str, keyword: str | None) -> None:
     assert classify(text) == keyword
+
+
+async def test_send_rates_hold_account_wide_and_per_number_and_keep_room_for_replies(
+    redis: Any,
+) -> None:
+    from koinonia.messaging.throughput import ACCOUNT_BUCKET, COOL_DOWN_KEY, SendThroughput
+
+    await redis.delete(
+        ACCOUNT_BUCKET, COOL_DOWN_KEY, "sendrate:+12025550001", "sendrate:+12025550002"
+    )
+    rates = SendThroughput(
+        redis,
+        account_per_second=20,
+        number_per_second=50,
+        number_overrides={"+12025550002": 4},
+    )
+    # Bulk may take the account's burst less a tenth kept for inbox texts.
+    first, _ = await rates.take("+12025550001", 100)
+    assert first == 18
+    # The per-number override caps the other number; the account has 2 left for replies.
+    second, wait = await rates.take("+12025550002", 100)
+    assert second == 0 and wait > 0
+    replies = [(await rates.take("+12025550002", 1, bulk=False))[0] for _ in range(3)]
+    assert replies == [1, 1, 0]
+    # Telnyx asked us to slow down: nobody sends until the cool-down ends.
+    await rates.cool_down(5)
+    granted, wait = await rates.take("+12025550001", 1, bulk=False)
+    assert granted == 0 and 4 < wait <= 5
+    await redis.delete(ACCOUNT_BUCKET, COOL_DOWN_KEY)

@@ -9,7 +9,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from koinonia.billing import ledger
-from koinonia.conversations.service import REPLY_PRIORITY, REPLY_QUEUE, REPLY_TASK
+from koinonia.conversations.service import (
+    REPLY_PRIORITY,
+    REPLY_QUEUE,
+    REPLY_TASK,
+    reply_debit_reference,
+)
 from koinonia.deadletters.registry import ReplayContext, replayer
 from koinonia.deadletters.tables import DeadLetter
 from koinonia.errors import ConflictError
@@ -40,7 +45,7 @@ async def replay_reply(session: AsyncSession, context: ReplayContext, entry: Dea
             context.settings,
             entry.church_id,
             int(row.segments),
-            f"reply:{message_id}:{created_at.isoformat()}:replay:{entry.id}",
+            f"{reply_debit_reference(message_id, created_at)}:replay:{entry.id}",
         )
     await defer_in_transaction(
         context.job_app,

@@ -74,7 +74,7 @@ async def run_reply(
     if breaker.state == "open":
         await defer_again(job_app, message_id, created_at, breaker.retry_after)
         return "circuit_open"
-    granted, wait = await context.throughput.take(sender, 1)
+    granted, wait = await context.throughput.take(sender, 1, bulk=False)
     if not granted:
         await defer_again(job_app, message_id, created_at, wait)
         return "rate_limited"
@@ -125,7 +125,7 @@ async def _finish(
             text(
                 "UPDATE conversation_messages SET status = :status, "
                 "provider_message_id = coalesce(:provider_id, provider_message_id), "
-                "segments = coalesce(:parts, segments), error_code = :code, "
+                "segments = least(coalesce(:parts, segments), segments), error_code = :code, "
                 "error_detail = :detail, "
                 "in_doubt_since = CASE WHEN :doubt THEN now() END, updated_at = now() "
                 "WHERE id = :id AND created_at = :created "

@@ -143,7 +143,12 @@ async def queue_outbound(
 
 
 def reply_debit(message: ConversationMessage) -> str:
-    return f"reply:{message.id}:{message.created_at.isoformat()}"
+    return reply_debit_reference(message.id, message.created_at)
+
+
+def reply_debit_reference(message_id: int, created_at: datetime) -> str:
+    """The ledger reference of a reply's reservation (refunds and replays hang off it)."""
+    return f"reply:{message_id}:{created_at.isoformat()}"
 
 
 @dataclass(frozen=True)

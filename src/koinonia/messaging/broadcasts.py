@@ -13,6 +13,7 @@ from typing import Any
 from procrastinate import App
 from procrastinate.exceptions import AlreadyEnqueued
 from sqlalchemy import func, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from koinonia.accounts.principal import Principal
@@ -419,9 +420,17 @@ async def create(
         message.first_response = out.model_dump(mode="json")
         return Created(out, False)
 
-    outcome = await in_transaction(
-        database, "READ COMMITTED", work, operation="broadcast_create", attempts=5
-    )
+    try:
+        outcome = await in_transaction(
+            database, "READ COMMITTED", work, operation="broadcast_create", attempts=5
+        )
+    except IntegrityError as error:
+        if idempotency_key is None or "idempotency_key" not in str(error.orig):
+            raise
+        # A concurrent request with the same key committed first: answer as a replay.
+        outcome = await in_transaction(
+            database, "READ COMMITTED", work, operation="broadcast_create", attempts=5
+        )
     return outcome.value
 
 

@@ -26,7 +26,9 @@ from procrastinate import App
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from koinonia.billing import ledger
 from koinonia.conversations.sending import defer_again
+from koinonia.conversations.service import reply_debit_reference
 from koinonia.db import Database
 from koinonia.messaging import receipts, refs
 from koinonia.messaging.broadcasts import (
@@ -393,8 +395,8 @@ async def _reconcile_replies(
         rows = list(
             await session.execute(
                 text(
-                    "SELECT id, created_at, attempts, provider_message_id "
-                    "FROM conversation_messages "
+                    "SELECT id, created_at, attempts, provider_message_id, kind, segments, "
+                    "church_id FROM conversation_messages "
                     "WHERE status = 'sending' AND direction = 'outbound' "
                     "AND coalesce(in_doubt_since, updated_at + make_interval(secs => :lease)) "
                     "< :cutoff LIMIT 200"
@@ -445,6 +447,15 @@ async def _reconcile_replies(
                     retried.append(row)
                 elif status == "failed":
                     outcome.failed += 1
+                    if row.kind == "reply":  # not sent: its reservation goes back
+                        debit = reply_debit_reference(row.id, row.created_at)
+                        await ledger.refund(
+                            session,
+                            row.church_id,
+                            int(row.segments),
+                            debit_reference=debit,
+                            credit_reference=f"{debit}:unconfirmed:{row.attempts}",
+                        )
                 else:
                     outcome.unconfirmed += 1
     for row in retried:

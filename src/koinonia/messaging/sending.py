@@ -81,7 +81,7 @@ UPDATE message_recipients r SET
   skip_reason = res.reason,
   provider_message_id = coalesce(res.provider_id, r.provider_message_id),
   segments = CASE WHEN res.status IN ('skipped', 'failed') THEN 0
-                  ELSE coalesce(res.parts, r.segments) END,
+                  ELSE least(coalesce(res.parts, r.segments), r.segments) END,
   error_code = res.code,
   error_detail = res.detail,
   next_attempt_at = res.next_at,
@@ -424,9 +424,12 @@ async def _write_back_in(
     tally = Tally(applied.values())
     await apply_transitions(session, [(message.id, o, n, k) for (o, n), k in tally.items()])
     unused = 0
+    late: list[Result] = []
     for result in results:
         if result.row_id not in applied:
-            continue  # a receipt got there first
+            if result.status == "sent" and result.parts is not None:
+                late.append(result)  # its receipt got there first; the parts still count
+            continue
         if result.status in ("skipped", "failed"):
             unused += reserved[result.row_id]
         elif result.status == "sent" and result.parts is not None:
@@ -435,6 +438,7 @@ async def _write_back_in(
             unused += max(0, reserved[result.row_id] - result.parts)
             if result.parts > reserved[result.row_id]:
                 note_excess(message.church_id, result.parts - reserved[result.row_id])
+    unused += await _settle_late_parts(session, message, late)
     await refund(session, message, unused, "unsent")
     opted_out = [members[r.row_id] for r in results if r.opted_out and r.row_id in applied]
     if opted_out:
@@ -451,6 +455,32 @@ async def _write_back_in(
                 error_code=result.error_code,
                 attempts=attempts[result.row_id],
             )
+
+
+async def _settle_late_parts(session: AsyncSession, message: Message, late: list[Result]) -> int:
+    """Rows a receipt settled before their send's answer was written still bill the parts
+    Telnyx counted (capped at the reservation): the shortfall is refunded."""
+    if not late:
+        return 0
+    freed = await session.execute(
+        text(
+            "WITH t AS (SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:parts AS int[])) "
+            "AS t(id, parts)), "
+            "old AS (SELECT r.id, r.segments FROM message_recipients r JOIN t ON t.id = r.id "
+            "WHERE r.created_at = :created AND r.segments > t.parts "
+            "AND r.status IN ('sent', 'delivered', 'undelivered', 'unconfirmed') "
+            "FOR UPDATE OF r) "
+            "UPDATE message_recipients r SET segments = t.parts FROM t, old "
+            "WHERE r.id = t.id AND old.id = r.id AND r.created_at = :created "
+            "RETURNING old.segments - t.parts AS freed"
+        ),
+        {
+            "ids": [r.row_id for r in late],
+            "parts": [r.parts for r in late],
+            "created": message.created_at,
+        },
+    )
+    return sum(int(row.freed) for row in freed)
 
 
 async def _opt_out(session: AsyncSession, member_ids: list[uuid.UUID]) -> None:

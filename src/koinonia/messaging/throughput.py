@@ -24,7 +24,8 @@ ACCOUNT_BUCKET = "sendrate:account"
 COOL_DOWN_KEY = "sendrate:cooldown"
 
 # KEYS: account bucket, number bucket, cool-down. ARGV: wanted, account interval ms,
-# account burst, number interval ms, number burst. Returns {granted, wait_ms}.
+# account burst, number interval ms, number burst, account sends kept back (for replies).
+# Returns {granted, wait_ms}.
 _SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -36,16 +37,17 @@ local function room(key, interval, burst)
   return tat, math.floor((now + interval * burst - tat) / interval)
 end
 local ai, ab, ni, nb = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local kept = tonumber(ARGV[6])
 local atat, aroom = room(KEYS[1], ai, ab)
 local ntat, nroom = room(KEYS[2], ni, nb)
-local granted = math.max(0, math.min(wanted, aroom, nroom))
+local granted = math.max(0, math.min(wanted, aroom - kept, nroom))
 if granted > 0 then
   atat = atat + granted * ai
   ntat = ntat + granted * ni
   redis.call('SET', KEYS[1], atat, 'PX', math.ceil(atat - now) + 1000)
   redis.call('SET', KEYS[2], ntat, 'PX', math.ceil(ntat - now) + 1000)
 end
-local wait = math.max(0, atat - (now + ai * (ab - 1)), ntat - (now + ni * (nb - 1)))
+local wait = math.max(0, atat - (now + ai * (ab - 1 - kept)), ntat - (now + ni * (nb - 1)))
 return {granted, math.ceil(wait)}
 """
 
@@ -92,14 +94,23 @@ class SendThroughput:
     def _shape(per_second: float) -> tuple[float, int]:
         return 1000.0 / per_second, max(1, math.floor(per_second))
 
-    async def take(self, number: str, wanted: int) -> tuple[int, float]:
-        """(sends granted now, seconds until the next one may go)."""
+    async def take(self, number: str, wanted: int, *, bulk: bool = True) -> tuple[int, float]:
+        """(sends granted now, seconds until the next one may go). Bulk sends leave a
+        tenth of the account's burst for inbox texts, so replies go first in a surge."""
         account_interval, account_burst = self._shape(self.account_per_second)
         number_interval, number_burst = self._shape(self.rate_of(number))
+        kept = account_burst // 10 if bulk else 0
         try:
             granted, wait_ms = await self._script(
                 keys=[ACCOUNT_BUCKET, f"sendrate:{number}", COOL_DOWN_KEY],
-                args=[wanted, account_interval, account_burst, number_interval, number_burst],
+                args=[
+                    wanted,
+                    account_interval,
+                    account_burst,
+                    number_interval,
+                    number_burst,
+                    kept,
+                ],
             )
             return int(granted), int(wait_ms) / 1000
         except (RedisError, OSError) as error:
