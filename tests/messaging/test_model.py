@@ -10,7 +10,8 @@ Steps: broadcasts now (with and without an `Idempotency-Key`; a create that fail
 without a key is never retried), scheduled a few seconds ahead, cancels, inbound STOP and
 HELP, provider faults (5xx, accepted-then-hung, 429, account-level 401, a full queue,
 receipts duplicated and out of order), the worker killed, connections dropped, PostgreSQL
-restarted or stopped for a while, and time passing. Each broadcast carries a unique token in its body.
+restarted or stopped for a while, and time passing. Each broadcast carries a unique token
+in its body.
 
 After a sequence, once faults clear, these must hold:
 - at most one accepted text per (token, phone);
