@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -52,6 +53,13 @@ class LedgerEntry(Base):
         # The same grant, debit or credit is written once, however often it is retried.
         UniqueConstraint("church_id", "kind", "reference"),
         Index("ix_usage_ledger_church_period", "church_id", "period_start"),
+        # Refund caps sum a debit's credits by reference prefix (`LIKE 'message:…:%'`).
+        Index(
+            "ix_usage_ledger_credit_reference",
+            "church_id",
+            text("reference text_pattern_ops"),
+            postgresql_where=text("kind = 'credit'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)

@@ -107,6 +107,14 @@ class MessageRecipient(Base):
         Index("ix_message_recipients_claim", "message_id", "batch_no", "status"),
         # The recipients list, filtered by status, in id order.
         Index("ix_message_recipients_list", "message_id", "status", "id"),
+        # … and unfiltered, in id order (no sort of the whole broadcast per page).
+        Index("ix_message_recipients_message_id", "message_id", "id"),
+        # `sent` rows still waiting for a final receipt (the reconciler looks them up).
+        Index(
+            "ix_message_recipients_unsettled",
+            "sent_at",
+            postgresql_where=text("status = 'sent' AND finalized_at IS NULL"),
+        ),
         # Receipts find their recipient by Telnyx's message id.
         Index(
             "ix_message_recipients_provider_id",

@@ -29,16 +29,20 @@ NEW_STATUSES = (
 
 def upgrade() -> None:
     op.add_column("messages", sa.Column("starts_at", sa.DateTime(timezone=True)))
-    op.add_column("messages", sa.Column("urgent", sa.Boolean, server_default="false"))
+    op.add_column(
+        "messages", sa.Column("urgent", sa.Boolean, server_default="false", nullable=False)
+    )
     op.create_table(
         "sender_pauses",
         sa.Column("scope", sa.String(10), nullable=False),
         sa.Column("key", sa.String(64), nullable=False),
         sa.Column("reason", sa.String(200), nullable=False),
         sa.Column("error_code", sa.String(20)),
-        sa.Column("paused_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
+        sa.Column(
+            "paused_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+        ),
         sa.Column("next_probe_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("probes", sa.Integer, server_default="0"),
+        sa.Column("probes", sa.Integer, server_default="0", nullable=False),
         sa.CheckConstraint("scope IN ('account', 'number')", name=op.f("ck_sender_pauses_scope")),
         sa.PrimaryKeyConstraint("scope", "key", name=op.f("pk_sender_pauses")),
     )
