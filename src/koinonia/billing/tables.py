@@ -57,7 +57,8 @@ class LedgerEntry(Base):
         Index(
             "ix_usage_ledger_credit_reference",
             "church_id",
-            text("reference text_pattern_ops"),
+            "reference",
+            postgresql_ops={"reference": "text_pattern_ops"},
             postgresql_where=text("kind = 'credit'"),
         ),
     )

@@ -31,7 +31,8 @@ def upgrade() -> None:
     op.create_index(
         "ix_usage_ledger_credit_reference",
         "usage_ledger",
-        ["church_id", sa.text("reference text_pattern_ops")],
+        ["church_id", "reference"],
+        postgresql_ops={"reference": "text_pattern_ops"},
         postgresql_where=sa.text("kind = 'credit'"),
     )
 
