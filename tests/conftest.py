@@ -67,6 +67,8 @@ def make_settings(**overrides: Any) -> Settings:
         "database_max_overflow": 5,
         # Tests register many churches from one address; the per-IP limit has its own tests.
         "rate_limit_login_per_minute": 100_000,
+        "rate_limit_refresh_per_minute": 100_000,
+        "rate_limit_auth_failures_per_minute": 100_000,
     }
     values.update(overrides)
     return load_settings(**values)
@@ -76,8 +78,12 @@ def make_settings(**overrides: Any) -> Settings:
 def database_name() -> Iterator[str]:
     from alembic import command
 
+    from koinonia.cli.database import apply_database_timeouts
+
     name = create_scratch_database()
     command.upgrade(alembic_config(direct_database_url(name)), "heads")
+    # What `koinonia migrate` does after the migrations: the timeouts become the database's.
+    apply_database_timeouts(make_settings(), direct_database_url(name))
     yield name
     drop_database(name)
 
@@ -129,7 +135,9 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture(scope="session")
-async def app(settings: Settings, redis: Redis) -> AsyncIterator[FastAPI]:
+async def app(settings: Settings, redis: Redis, sandbox: LiveServer) -> AsyncIterator[FastAPI]:
+    # The providers (the sandbox) are up before the app starts: its provider health is
+    # checked in the background from start-up on.
     application = create_app(settings)
     async with application.router.lifespan_context(application):
         yield application

@@ -10,25 +10,31 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from asgi_correlation_id import CorrelationIdMiddleware
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
+from fastapi.dependencies.models import Dependant
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute, iter_route_contexts
 from opentelemetry.sdk.trace.export import SpanExporter
 from starlette.middleware import Middleware
-from starlette.middleware.gzip import GZipMiddleware
+from starlette.routing import BaseRoute
 
 from koinonia import __doc__ as package_doc
+from koinonia.accounts import mfa_routes
 from koinonia.accounts import routes as accounts_routes
+from koinonia.accounts.deps import get_principal
 from koinonia.billing import routes as billing_routes
 from koinonia.cache import Cache
 from koinonia.conversations import routes as conversations_routes
 from koinonia.db import Database
 from koinonia.deadletters import routes as deadletters_routes
-from koinonia.errors import install_error_handlers
+from koinonia.errors import install_error_handlers, problem_responses
 from koinonia.groups import routes as groups_routes
 from koinonia.health import routes as health_routes
 from koinonia.health.checks import database_check, redis_check, replica_check
+from koinonia.http.input import reject_unsafe_text
 from koinonia.http.middleware import (
+    MeteredGZipMiddleware,
     ObservabilityMiddleware,
     RequestLimitsMiddleware,
     SecurityHeadersMiddleware,
@@ -64,6 +70,7 @@ def feature_routers() -> list[APIRouter]:
         telnyx_routes.router,
         health_routes.router,
         *accounts_routes.routers,
+        *mfa_routes.routers,
         *members_routes.routers,
         groups_routes.router,
         templates_routes.router,
@@ -82,6 +89,7 @@ FEATURE_LIFESPANS: list[str] = [
     "koinonia.billing.gateway",
     "koinonia.telnyx.gateway",
     "koinonia.messaging.monitoring",
+    "koinonia.backups.metrics",
 ]
 
 
@@ -160,7 +168,7 @@ def create_app(
             max_age=settings.cors_max_age,
         ),
         Middleware(
-            GZipMiddleware,
+            MeteredGZipMiddleware,
             minimum_size=settings.gzip_minimum_size,
             compresslevel=settings.gzip_level,
         ),
@@ -181,6 +189,9 @@ def create_app(
         redoc_url=None,
         lifespan=lifespan,
         middleware=middleware,
+        generate_unique_id_function=operation_id,
+        # Every route's query, path and body text is checked once, here (http/input.py).
+        dependencies=[Depends(reject_unsafe_text)],
         telemetry=fastapi_telemetry(tracer_provider),  # type: ignore[arg-type]
     )
     app.state.settings = settings
@@ -197,6 +208,22 @@ def create_app(
     return app
 
 
+def operation_id(route: APIRoute) -> str:
+    """`<tag>.<function name>` (`auth.register`, `members.list_members`): short, stable
+    names for generated clients; `_openapi` checks they are unique across the spec."""
+    return f"{route.tags[0]}.{route.name}" if route.tags else route.name
+
+
+SECURITY_SCHEME = "bearerAuth"
+# Routes that authenticate either with a bearer token or with a challenge in the body
+# (they call `get_principal` themselves, so the dependency walk cannot see it).
+_BEARER_OR_CHALLENGE = {"auth.mfa_enrol", "auth.mfa_confirm"}
+
+
+def _depends_on(dependant: Dependant, call: Any) -> bool:
+    return any(d.call is call or _depends_on(d, call) for d in dependant.dependencies)
+
+
 def _openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema:
         return app.openapi_schema
@@ -207,11 +234,129 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         routes=app.routes,
         description=_API_DESCRIPTION,
     )
-    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
     schemas["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
     schemas.update(schemas["Problem"].pop("$defs", {}))
+    components["securitySchemes"] = {
+        SECURITY_SCHEME: {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An access token (`POST /auth/login`) or an API key (`kn_…`).",
+        }
+    }
+    _document_cross_cutting(schema, app.routes)
+    _add_links(schema)
     app.openapi_schema = schema
     return schema
+
+
+def _document_cross_cutting(schema: dict[str, Any], routes: list[BaseRoute]) -> None:
+    """Security and the answers every route can give besides its own, added here once so
+    routes added later get them too: 400 (malformed JSON or form) and 413 (body over the
+    limit) with a body, 414 (URL too long) and 422 (`reject_unsafe_text`, app-wide) and
+    500/503 everywhere, 401 and 429 where a principal is needed."""
+    seen: dict[str, str] = {}
+    for route in iter_route_contexts(routes):
+        if not isinstance(route.original_route, APIRoute) or not route.include_in_schema:
+            continue
+        path = str(route.path_format)
+        for method in route.methods or ():
+            operation = schema["paths"][path][method.lower()]
+            op_id = operation["operationId"]
+            if op_id in seen:
+                raise RuntimeError(f"operationId {op_id} of {method} {path} is not unique")
+            seen[op_id] = path
+            statuses = {414, 422, 500, 503}
+            if "requestBody" in operation:
+                statuses |= {400, 413}
+            elif method in ("POST", "PUT", "PATCH"):
+                statuses.add(413)  # the body is read raw (webhooks), but still limited
+            if op_id in _BEARER_OR_CHALLENGE:
+                operation.setdefault("security", [{SECURITY_SCHEME: []}, {}])
+                statuses |= {401, 429}
+            elif _depends_on(route.dependant, get_principal):
+                operation.setdefault("security", [{SECURITY_SCHEME: []}])
+                statuses |= {401, 429}
+            responses = operation.setdefault("responses", {})
+            for status, documented in problem_responses(*statuses).items():
+                responses.setdefault(str(status), documented)
+
+
+_ITEM = re.compile(r"^/\{(\w+)\}(/.*)?$")
+_SAMPLE_TEXT = "Hello from Koinonia"
+# Links whose values come from the request or need a body (OpenAPI links, for clients
+# and for the stateful contract fuzzing): (source operation, status) → target → link.
+_EXTRA_LINKS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
+    ("auth.register", "201"): {
+        "auth.login": {
+            "requestBody": {"email": "$request.body#/email", "password": "$request.body#/password"}
+        },
+        "auth.refresh": {"requestBody": {"refresh_token": "$response.body#/refresh_token"}},
+    },
+    ("members.create_member", "201"): {
+        "messages.preview_message": {
+            "requestBody": {"member_ids": ["$response.body#/id"], "body": _SAMPLE_TEXT}
+        },
+        "messages.send_message": {
+            "requestBody": {"member_ids": ["$response.body#/id"], "body": _SAMPLE_TEXT}
+        },
+        "conversations.start_conversation": {"requestBody": {"member_id": "$response.body#/id"}},
+    },
+    ("groups.create_group", "201"): {
+        "messages.preview_message": {
+            "requestBody": {"group_ids": ["$response.body#/id"], "body": _SAMPLE_TEXT}
+        },
+    },
+    ("operations.sending_pauses", "200"): {
+        "operations.clear_sending_pause": {
+            "parameters": {
+                "scope": "$response.body#/data/0/scope",
+                "key": "$response.body#/data/0/key",
+            }
+        }
+    },
+    ("members.import_members", "201"): {
+        "members.get_import": {"parameters": {"import_id": "$response.body#/id"}}
+    },
+}
+
+
+def _add_links(schema: dict[str, Any]) -> None:
+    """OpenAPI links (FastAPI emits none): a create (`POST /things` answering an `id`)
+    and a list (`GET /things`, a page of `data`) lead to every operation on
+    `/things/{id}…`, plus the `_EXTRA_LINKS` that carry request values or bodies."""
+    ids: dict[str, tuple[str, dict[str, Any]]] = {}
+    for path, methods in schema["paths"].items():
+        for operation in methods.values():
+            ids[operation["operationId"]] = (path, operation)
+    for path, methods in schema["paths"].items():
+        sources = [
+            (methods["post"], ("200", "201", "202"), "$response.body#/id")
+            if "post" in methods
+            else None,
+            (methods["get"], ("200",), "$response.body#/data/0/id") if "get" in methods else None,
+        ]
+        for source in sources:
+            if source is None:
+                continue
+            operation, statuses, expression = source
+            for target_path, target_methods in schema["paths"].items():
+                match = _ITEM.match(target_path.removeprefix(path)) if target_path != path else None
+                if not target_path.startswith(path + "/") or match is None:
+                    continue
+                for target in target_methods.values():
+                    for status in statuses:
+                        if status in operation["responses"]:
+                            links = operation["responses"][status].setdefault("links", {})
+                            links[target["operationId"]] = {
+                                "operationId": target["operationId"],
+                                "parameters": {match.group(1): expression},
+                            }
+    for (source_id, status), targets in _EXTRA_LINKS.items():
+        links = ids[source_id][1]["responses"][status].setdefault("links", {})
+        for target_id, link in targets.items():
+            links[target_id] = {"operationId": target_id, **link}
 
 
 _API_DESCRIPTION = """

@@ -2,6 +2,20 @@
 
 Driver: psycopg 3 (async). It is what procrastinate's in-transaction enqueue works with,
 and with `prepare_threshold=None` it runs through PgBouncer 1.18 in transaction mode.
+
+Database timeouts (`statement_timeout`, `lock_timeout`,
+`idle_in_transaction_session_timeout`) must survive PgBouncer in transaction mode, which
+drops startup `options` and hands each transaction any server connection. On the
+database they are the database's own defaults (`ALTER DATABASE … SET`, applied by
+`koinonia migrate`): every new server session starts with them, whichever pool or proxy
+opened it, at no cost per request. Where the database cannot be altered,
+`DATABASE_TIMEOUTS_PER_TRANSACTION=true` sets them per transaction on the SQLAlchemy
+engines (`set_config(…, true)`, i.e. `SET LOCAL`, by a `begin` event: one round trip per
+transaction, since psycopg sends `BEGIN [ISOLATION LEVEL …]` on its own).
+The autocommit psycopg pools (the job queue's, the webhook writer's) run one statement
+per transaction, where `SET LOCAL` has nothing to attach to: they send the timeouts as
+startup `options` (honoured by PostgreSQL directly; PgBouncer must list `options` in
+`ignore_startup_parameters`, and behind it the role's settings apply).
 """
 
 from __future__ import annotations
@@ -43,6 +57,53 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+def timeout_values(settings: Settings) -> dict[str, str]:
+    """The three session timeouts as PostgreSQL settings (milliseconds; 0 = off)."""
+    return {
+        "statement_timeout": str(settings.database_statement_timeout_ms),
+        "lock_timeout": str(settings.database_lock_timeout_ms),
+        "idle_in_transaction_session_timeout": str(
+            settings.database_idle_in_transaction_timeout_ms
+        ),
+    }
+
+
+def set_local_timeouts_sql(settings: Settings) -> str:
+    """One statement setting the timeouts for the current transaction only."""
+    calls = ", ".join(
+        f"set_config('{name}', '{value}', true)" for name, value in timeout_values(settings).items()
+    )
+    return f"SELECT {calls}"
+
+
+def timeout_startup_options(settings: Settings) -> str:
+    """libpq `options` for connections outside a transaction block (autocommit pools)."""
+    return " ".join(f"-c {name}={value}" for name, value in timeout_values(settings).items())
+
+
+def role_timeouts_sql(settings: Settings, role: str) -> list[str]:
+    """`ALTER ROLE` statements giving `role` the timeouts in every session (production)."""
+    quoted = '"' + role.replace('"', '""') + '"'
+    return [
+        f"ALTER ROLE {quoted} SET {name} = {value}"
+        for name, value in timeout_values(settings).items()
+    ]
+
+
+def observe_statement(pool: str, statement: str, elapsed: float, slow_ms: int) -> None:
+    """Count a statement's latency; log and count it when slower than `slow_ms`."""
+    DB_QUERY_LATENCY.observe(elapsed)
+    if elapsed * 1000 >= slow_ms:
+        DB_SLOW_QUERIES.inc()
+        # The statement text carries placeholders only; parameters are never logged.
+        log.warning(
+            "slow_query",
+            duration_ms=round(elapsed * 1000, 1),
+            statement=" ".join(statement.split())[:500],
+            pool=pool,
+        )
+
+
 def create_engine(url: str, settings: Settings, *, name: str) -> AsyncEngine:
     connect_args: dict[str, Any] = {
         # No server-side prepared statements: PgBouncer 1.18 in transaction mode cannot
@@ -64,7 +125,17 @@ def create_engine(url: str, settings: Settings, *, name: str) -> AsyncEngine:
         }
     engine = create_async_engine(url, connect_args=connect_args, **pool_args)
     _instrument(engine, settings.slow_query_ms, name)
+    if settings.database_timeouts_per_transaction:
+        _set_timeouts_per_transaction(engine, set_local_timeouts_sql(settings))
     return engine
+
+
+def _set_timeouts_per_transaction(engine: AsyncEngine, statement: str) -> None:
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # Runs as the transaction's first statement, after psycopg's BEGIN (which carries
+        # the isolation level), so it holds on whichever server connection PgBouncer gives.
+        conn.exec_driver_sql(statement)
 
 
 def _instrument(engine: AsyncEngine, slow_ms: int, name: str) -> None:
@@ -92,17 +163,7 @@ def _instrument(engine: AsyncEngine, slow_ms: int, name: str) -> None:
         executemany: bool,
     ) -> None:
         started = conn.info["query_start"].pop()
-        elapsed = time.perf_counter() - started
-        DB_QUERY_LATENCY.observe(elapsed)
-        if elapsed * 1000 >= slow_ms:
-            DB_SLOW_QUERIES.inc()
-            # The statement text carries placeholders only; parameters are never logged.
-            log.warning(
-                "slow_query",
-                duration_ms=round(elapsed * 1000, 1),
-                statement=" ".join(statement.split())[:500],
-                pool=name,
-            )
+        observe_statement(name, statement, time.perf_counter() - started, slow_ms)
 
     @event.listens_for(sync_engine.pool, "checkout")
     def _checkout(*_: Any) -> None:

@@ -3,7 +3,9 @@
 Each feature declares its tasks on a procrastinate `Blueprint` in its own `jobs.py`;
 `build_job_app` gathers them into one `App` at start-up (so importing a feature never
 needs settings). A job deferred during a request goes into the request's own transaction
-(`defer_in_transaction`), so it is published only if the request commits.
+(`defer_in_transaction`), so it is published only if the request commits. Every defer
+here carries the deferring request's trace context and request id into the job
+(`koinonia.job_telemetry`).
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 import functools
 import importlib
 import random
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, LiteralString
 
 import structlog
 from procrastinate import App, Blueprint, PsycopgConnector
@@ -26,7 +29,8 @@ from prometheus_client import Counter
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from koinonia.db import Database
+from koinonia.db import Database, observe_statement, timeout_startup_options
+from koinonia.job_telemetry import carried_context, job_middleware, with_carried_context
 from koinonia.redis import create_redis
 from koinonia.retry import is_transient_db_error
 from koinonia.settings import Settings
@@ -41,6 +45,7 @@ BLUEPRINT_MODULES: list[str] = [
     "koinonia.conversations.jobs",
     "koinonia.numbers.jobs",
     "koinonia.deadletters.jobs",
+    "koinonia.retention",
 ]
 
 
@@ -105,6 +110,18 @@ class JobResources:
 
 
 _resources: JobResources | None = None
+_draining = False
+
+
+def draining() -> bool:
+    """Whether this worker process is stopping (SIGTERM): long jobs end their slice at
+    the next safe point (results written back) and leave the rest to a continuation."""
+    return _draining
+
+
+def set_draining(value: bool) -> None:
+    global _draining
+    _draining = value
 
 
 def resources() -> JobResources:
@@ -140,20 +157,68 @@ def _task_registry() -> App:
     procrastinate renames a blueprint's tasks in place when it namespaces them, so they
     can be added to one App only; every real App is this one `with_connector(...)`.
     """
-    registry = App(connector=PsycopgConnector())  # never opened
+    # Every worker built from it restores the trace context and request id a job carries.
+    registry = App(
+        connector=PsycopgConnector(),  # never opened
+        worker_defaults={"worker_middleware": [job_middleware]},
+    )
     for module_name in BLUEPRINT_MODULES:
         blueprint: Blueprint = importlib.import_module(module_name).blueprint
         registry.add_tasks_from(blueprint, namespace=module_name.split(".")[1])
     return registry
 
 
+class InstrumentedConnector(PsycopgConnector):
+    """procrastinate's psycopg connector with the job queue's statements timed: slow ones
+    are counted (`koinonia_db_slow_queries_total`) and logged like the engines' (pool
+    `jobs`). Statements run inside a caller's transaction (`*_with_connection`) are not
+    timed here; the LISTEN connection runs none worth timing."""
+
+    def __init__(self, *, slow_query_ms: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._slow_query_ms = slow_query_ms
+
+    def _observe(self, query: str, started: float) -> None:
+        observe_statement("jobs", query, time.perf_counter() - started, self._slow_query_ms)
+
+    async def execute_query_async(self, query: LiteralString, **arguments: Any) -> None:
+        started = time.perf_counter()
+        try:
+            await super().execute_query_async(query, **arguments)
+        finally:
+            self._observe(query, started)
+
+    async def execute_query_one_async(
+        self, query: LiteralString, **arguments: Any
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            row: dict[str, Any] = await super().execute_query_one_async(query, **arguments)
+            return row
+        finally:
+            self._observe(query, started)
+
+    async def execute_query_all_async(
+        self, query: LiteralString, **arguments: Any
+    ) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        try:
+            rows: list[dict[str, Any]] = await super().execute_query_all_async(query, **arguments)
+            return rows
+        finally:
+            self._observe(query, started)
+
+
 def build_job_app(settings: Settings, *, pool_max: int = 4) -> App:
-    connector = PsycopgConnector(
+    connector = InstrumentedConnector(
+        slow_query_ms=settings.slow_query_ms,
         conninfo=psycopg_conninfo(settings.database_url),
         min_size=1,
         max_size=pool_max,
-        # Same reason as the SQLAlchemy engines: PgBouncer in transaction mode.
-        kwargs={"prepare_threshold": None},
+        # Same reason as the SQLAlchemy engines: PgBouncer in transaction mode. The pool
+        # is autocommit (one statement per transaction): the timeouts go as startup
+        # options (koinonia.db explains; behind PgBouncer the role's settings apply).
+        kwargs={"prepare_threshold": None, "options": timeout_startup_options(settings)},
     )
     app = _task_registry().with_connector(connector)
     # Tasks link back to the App they were registered on (the never-opened registry);
@@ -198,7 +263,9 @@ async def defer_in_transaction(
         queueing_lock=queueing_lock,
         schedule_at=schedule_at,
     )
-    job_id: int = await app.configure_task(task_name, **options).defer_async(**task_kwargs)
+    job_id: int = await app.configure_task(task_name, **options).defer_async(
+        **with_carried_context(task_kwargs)
+    )
     return job_id
 
 
@@ -220,8 +287,9 @@ async def defer_many_in_transaction(
     connection = await raw_connection(session)
     options = _set_options(connection=connection, queue=queue, lock=lock, schedule_at=schedule_at)
     deferrer = app.configure_task(task_name, **options)
+    carried = carried_context()
     batch = [
-        deferrer.make_new_job(**kwargs).evolve(
+        deferrer.make_new_job(**with_carried_context(kwargs, carried)).evolve(
             priority=p, queueing_lock=queueing_lock_of(kwargs) if queueing_lock_of else None
         )
         for p, kwargs in jobs
@@ -252,5 +320,5 @@ async def defer(
     deferrer = procrastinate_tasks.configure_task(
         name=task_name, job_manager=app.job_manager, **options
     )
-    job_id: int = await deferrer.defer_async(**task_kwargs)
+    job_id: int = await deferrer.defer_async(**with_carried_context(task_kwargs))
     return job_id

@@ -4,12 +4,21 @@ structlog renders every event, including those of libraries that use the standar
 `logging` module (uvicorn, SQLAlchemy, procrastinate), through one processor chain. The
 masking processor runs last, after exceptions were formatted, so phone numbers, emails and
 secrets are also removed from tracebacks and exception messages.
+
+Logs go to stdout (JSON lines) for the supervisor (systemd's journal) to collect. A
+`LOG_FILE` is optional and must be safe with several processes writing (`koinonia api
+--workers N`, several workers on one host): a path with `{pid}` is one file per process,
+rotated at midnight UTC by that process; a path without it is shared, appended to with
+`O_APPEND` (whole lines) and reopened when an external `logrotate` moves it
+(`WatchedFileHandler`), never rotated by the processes themselves — a rotating handler
+shared by several processes renames the file under the others and loses lines.
 """
 
 from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import re
 import sys
 from collections.abc import Mapping, MutableMapping
@@ -123,6 +132,19 @@ class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+def file_handler(log_file: str, backup_count: int) -> logging.Handler:
+    """The handler for `LOG_FILE` (see the module docstring): rotation only per process."""
+    if "{pid}" in log_file:
+        return logging.handlers.TimedRotatingFileHandler(
+            log_file.replace("{pid}", str(os.getpid())),
+            when="midnight",
+            backupCount=backup_count,
+            utc=True,
+            encoding="utf-8",
+        )
+    return logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
+
+
 def configure_logging(
     level: str = "INFO", log_file: str | None = None, backup_count: int = 30
 ) -> None:
@@ -149,11 +171,7 @@ def configure_logging(
     )
     handlers: list[logging.Handler] = [_StdoutHandler()]
     if log_file:
-        handlers.append(
-            logging.handlers.TimedRotatingFileHandler(
-                log_file, when="midnight", backupCount=backup_count, utc=True, encoding="utf-8"
-            )
-        )
+        handlers.append(file_handler(log_file, backup_count))
     root = logging.getLogger()
     root.handlers.clear()
     for handler in handlers:

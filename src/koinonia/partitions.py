@@ -5,10 +5,15 @@ of idempotent statements. A periodic job and `koinonia partitions ensure` keep a
 `PARTITION_MONTHS_AHEAD` months ready; a row whose month has no partition fails loudly
 (there is deliberately no default partition: it would have to be scanned and emptied
 before every new partition could be attached).
+
+At the other end, partitions whose whole month is older than `PARTITION_RETENTION_MONTHS`
+are detached and dropped (`expired`, `drop_partition`; the retention job), never the
+current month or a later one.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
@@ -69,6 +74,51 @@ async def ensure(
                 await connection.execute(text(partition_ddl(table, month)))
                 created.append(name)
     return created
+
+
+_UPPER_BOUND = re.compile(r"TO \('(\d{4})-(\d{2})-(\d{2})")
+
+
+def upper_bound(info: PartitionInfo) -> date | None:
+    """The first day after `info`'s range (its `TO` bound), or None if unreadable."""
+    match = _UPPER_BOUND.search(info.bounds)
+    if match is None:
+        return None
+    year, month, day = (int(part) for part in match.groups())
+    return date(year, month, day)
+
+
+def expired(
+    partitions: list[PartitionInfo], today: date, retention_months: int
+) -> list[PartitionInfo]:
+    """The partitions whose whole range ends at or before the first day of the month
+    `retention_months` before `today`'s. Never one that reaches into the current month
+    (or later), whatever `retention_months` is; unreadable bounds are kept."""
+    if retention_months < 1:
+        raise ValueError("retention_months must be at least 1")
+    current = month_start(today)
+    cutoff = add_months(current, -retention_months)
+    chosen = []
+    for info in partitions:
+        upper = upper_bound(info)
+        if upper is not None and upper <= cutoff and upper <= current:
+            chosen.append(info)
+    return chosen
+
+
+async def drop_partition(connection: AsyncConnection, info: PartitionInfo) -> None:
+    """Detach `info` from its table and drop it, in the connection's transaction.
+
+    `DETACH PARTITION` takes an exclusive lock on the parent for a moment: a short
+    `lock_timeout` makes it give up (and the next run try again) rather than queue the
+    table's traffic behind a long transaction. (`DETACH … CONCURRENTLY` cannot run in a
+    transaction block nor be bounded by `statement_timeout` through PgBouncer.)
+    """
+    if info.table not in PARTITIONED_TABLES or not re.fullmatch(r"[a-z0-9_]+", info.name):
+        raise ValueError(f"not one of our partitions: {info.table}.{info.name}")
+    await connection.execute(text("SELECT set_config('lock_timeout', '2s', true)"))
+    await connection.execute(text(f"ALTER TABLE {info.table} DETACH PARTITION {info.name}"))
+    await connection.execute(text(f"DROP TABLE {info.name}"))
 
 
 async def list_partitions(connection: AsyncConnection) -> list[PartitionInfo]:

@@ -8,6 +8,7 @@ part of that message.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import re
 from functools import lru_cache
 from typing import Annotated, Literal
@@ -32,6 +33,45 @@ _DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-0123456789"  # noqa: S105
 _DEV_MEMBER_KEYS = "k1:ZGV2LW9ubHktbWVtYmVyLWtleS0zMi1ieXRlcy0hISE="
 _DEV_HMAC_KEY = "dev-only-member-hmac-key-change-me-0123"
 _DEV_SECRETS = {_DEV_JWT_SECRET, _DEV_MEMBER_KEYS, _DEV_HMAC_KEY}
+# The sandbox's credentials (the defaults): refused in production as well.
+_SANDBOX_STRIPE_API_KEY = "sk_test_sandbox"
+_SANDBOX_STRIPE_WEBHOOK_SECRET = "whsec_sandbox"  # noqa: S105
+_SANDBOX_TELNYX_API_KEY = "KEY_sandbox"
+_LOOPBACK_HOSTS = {"localhost", "::1"}
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: an address nothing off this machine can reach."""
+    host = host.strip().strip("[]").lower()
+    if host in _LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _secret_entries(value: str) -> list[str]:
+    """The entries of a comma-separated list of secrets, as they will be used."""
+    return [entry.strip() for entry in value.split(",")]
+
+
+def _check_public_keys(value: str) -> None:
+    """Each entry base64 of a 32-byte Ed25519 public key (raises ValueError, never echoing)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    for position, entry in enumerate(_secret_entries(value), start=1):
+        if not entry:
+            raise ValueError(f"entry {position} is empty (a stray comma?)")
+        try:
+            raw = base64.b64decode(entry, validate=True)
+            if len(raw) != 32:
+                raise ValueError
+            Ed25519PublicKey.from_public_bytes(raw)
+        except ValueError:
+            raise ValueError(
+                f"entry {position} is not the base64 of a 32-byte Ed25519 public key"
+            ) from None
 
 
 def _split_csv(value: object) -> object:
@@ -124,7 +164,15 @@ class Settings(BaseSettings):
     log_file_backup_count: int = Field(30, ge=1)
     otel_exporter_otlp_endpoint: AnyHttpUrl | None = None
     otel_service_name: str = "koinonia"
+    # The worker's own /metrics (docs/operations.md#worker-metrics): an address and the
+    # first port to try (the next 15 are tried when taken, for several workers on one
+    # host); port 0 serves no metrics.
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = Field(9410, ge=0, le=65535)
     health_check_timeout: float = Field(1.0, gt=0)
+    # Providers (Telnyx, Stripe) are checked in the background this often, per process;
+    # health probes serve the last result and never call a provider themselves.
+    provider_health_interval_seconds: float = Field(20.0, ge=1, le=300)
 
     # --- Auth -----------------------------------------------------------------------
     jwt_secret: SecretStr = SecretStr(_DEV_JWT_SECRET)
@@ -133,6 +181,8 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(100, ge=1)
     rate_limit_burst: int = Field(200, ge=1)
     rate_limit_login_per_minute: int = Field(10, ge=1)
+    rate_limit_refresh_per_minute: int = Field(30, ge=1)
+    rate_limit_auth_failures_per_minute: int = Field(20, ge=1)
     rate_limit_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
     login_lockout_failures: int = Field(5, ge=1)
     login_lockout_seconds: int = Field(900, ge=1)
@@ -197,6 +247,44 @@ class Settings(BaseSettings):
     dlq_retention_days: int = Field(30, ge=1)
     partition_months_ahead: int = Field(3, ge=3, le=24)
 
+    # --- Retention, database timeouts, shutdown (docs/operations.md) ----------------
+    job_retention_days: int = Field(14, ge=1)
+    webhook_event_retention_days: int = Field(90, ge=1)
+    partition_retention_months: int = Field(24, ge=2, le=240)
+    retention_batch_size: int = Field(5000, ge=100, le=100_000)
+    # 0 turns a timeout off. `koinonia migrate` makes them the database's defaults (ALTER
+    # DATABASE … SET), which hold on every connection, PgBouncer's included, at no cost per
+    # request; DATABASE_TIMEOUTS_PER_TRANSACTION=true also sets them per transaction (one
+    # round trip each) where the database's defaults cannot be altered.
+    database_statement_timeout_ms: int = Field(30_000, ge=0)
+    database_lock_timeout_ms: int = Field(5_000, ge=0)
+    database_idle_in_transaction_timeout_ms: int = Field(60_000, ge=0)
+    database_timeouts_per_transaction: bool = False
+    api_shutdown_seconds: float = Field(20.0, gt=0, le=600)
+    worker_shutdown_seconds: float = Field(30.0, gt=0, le=3600)
+
+    # --- Backups: pgBackRest to S3-compatible storage (docs/backups.md) -------------
+    backup_stanza: str = Field("koinonia", pattern=r"^[A-Za-z0-9_-]+$")
+    backup_config_path: str = "/etc/pgbackrest/pgbackrest.conf"
+    backup_os_user: str = "postgres"
+    backup_pg_bin: str = "/usr/lib/postgresql/15/bin"
+    backup_pg_data: str = "/var/lib/postgresql/15/main"
+    backup_pg_port: int = Field(5432, ge=1, le=65535)
+    backup_pg_socket_dir: str = "/var/run/postgresql"
+    backup_s3_endpoint: str = "s3.us-east-1.amazonaws.com"
+    backup_s3_port: int = Field(443, ge=1, le=65535)
+    backup_s3_region: str = "us-east-1"
+    backup_s3_bucket: str = ""
+    backup_s3_path: str = Field("/koinonia", pattern=r"^/")
+    backup_s3_uri_style: Literal["host", "path"] = "host"
+    backup_s3_ca_file: str = ""
+    backup_s3_key: SecretStr = SecretStr("")
+    backup_s3_key_secret: SecretStr = SecretStr("")
+    backup_cipher_pass: SecretStr = SecretStr("")
+    backup_retention_days: int = Field(30, ge=1, le=3650)
+    backup_archive_timeout_seconds: int = Field(60, ge=1, le=3600)
+    backup_info_refresh_seconds: float = Field(60.0, gt=0)
+
     @field_validator(
         "cors_allow_origins",
         "database_replica_urls",
@@ -239,6 +327,44 @@ class Settings(BaseSettings):
         if value and "*" in (info.data.get("cors_allow_origins") or []):
             raise ValueError("CORS_ALLOW_ORIGINS may not contain '*' when credentials are allowed")
         return value
+
+    @field_validator("jwt_secret", "member_encryption_keys", "member_hmac_key")
+    @classmethod
+    def _no_development_secret_in_production(
+        cls, value: SecretStr, info: ValidationInfo
+    ) -> SecretStr:
+        if info.data.get("env") == "production" and value.get_secret_value() in _DEV_SECRETS:
+            raise ValueError("must be set to a real secret in production")
+        return value
+
+    @field_validator("stripe_api_key", "telnyx_api_key")
+    @classmethod
+    def _no_sandbox_key_in_production(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+        sandbox = {_SANDBOX_STRIPE_API_KEY, _SANDBOX_TELNYX_API_KEY}
+        if info.data.get("env") == "production" and value.get_secret_value().strip() in sandbox:
+            raise ValueError("the sandbox key is refused in production; set the real API key")
+        return value
+
+    @field_validator("stripe_webhook_secrets")
+    @classmethod
+    def _webhook_secrets(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+        entries = _secret_entries(value.get_secret_value())
+        empty = [str(i) for i, entry in enumerate(entries, start=1) if not entry]
+        if empty:  # an empty entry would be an empty HMAC key, in any environment
+            raise ValueError(f"entry {', '.join(empty)} is empty (a stray comma?)")
+        if info.data.get("env") == "production" and _SANDBOX_STRIPE_WEBHOOK_SECRET in entries:
+            raise ValueError("the sandbox secret whsec_sandbox is refused in production")
+        return value
+
+    @field_validator("telnyx_public_key")
+    @classmethod
+    def _telnyx_public_key(cls, value: str, info: ValidationInfo) -> str:
+        if not value.strip():
+            if info.data.get("env") == "production":
+                raise ValueError("must be set in production (the key that signs Telnyx webhooks)")
+            return ""
+        _check_public_keys(value)  # malformed: refused wherever it is set
+        return value.strip()
 
     @field_validator("jwt_secret", "member_hmac_key")
     @classmethod
@@ -307,19 +433,41 @@ class Settings(BaseSettings):
             raise ValueError("SEND_LEASE_SECONDS must be longer than TELNYX_TIMEOUT")
         return self
 
-    @model_validator(mode="after")
-    def _production_rules(self) -> Settings:
-        if self.env != "production":
-            return self
-        problems = [
-            f"{name.upper()} must be set to a real secret in production"
+    # Production rules are field validators above (every problem is listed, one line per
+    # variable); what follows needs several fields at once.
+
+    @property
+    def stripe_webhook_secret_list(self) -> list[str]:
+        return _secret_entries(self.stripe_webhook_secrets.get_secret_value())
+
+    def development_secrets_in_use(self) -> list[str]:
+        """Variables still holding a development default that lets anyone forge a token,
+        read member data or a provider event (the variable names, never the values)."""
+        names = [
+            name.upper()
             for name in ("jwt_secret", "member_encryption_keys", "member_hmac_key")
             if getattr(self, name).get_secret_value() in _DEV_SECRETS
         ]
-        if not self.telnyx_public_key:
-            problems.append("TELNYX_PUBLIC_KEY must be set in production")
-        if problems:
-            raise ValueError("; ".join(problems))
+        if _SANDBOX_STRIPE_WEBHOOK_SECRET in self.stripe_webhook_secret_list:
+            names.append("STRIPE_WEBHOOK_SECRETS")
+        return names
+
+    def loopback_problem(self, host: str) -> str | None:
+        """Why serving on `host` is refused: development secrets are known to everyone, so a
+        process using them listens on loopback only."""
+        dev = self.development_secrets_in_use()
+        if not dev or is_loopback(host):
+            return None
+        return (
+            f"must be a loopback address (127.0.0.1, ::1, localhost) while development "
+            f"secrets are in use ({', '.join(dev)}); set real secrets to listen on {host!r}"
+        )
+
+    @model_validator(mode="after")
+    def _development_secrets_on_loopback_only(self) -> Settings:
+        problem = self.loopback_problem(self.api_host)
+        if problem:
+            raise ValueError(f"API_HOST {problem}")
         return self
 
 

@@ -2,35 +2,46 @@
 
 Off unless `OTEL_EXPORTER_OTLP_ENDPOINT` is set (or a test hands in an exporter). FastAPI's
 native telemetry makes the request spans; the instrumentors add SQL, Redis and outgoing
-HTTP spans as children.
+HTTP spans as children. A job carries the W3C `traceparent` of the code that deferred it
+(`koinonia.job_telemetry`), so its span — and the Telnyx/Stripe calls it makes — continue
+the trace of the API request that asked for the work.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from sqlalchemy.ext.asyncio import AsyncEngine
 from structlog.types import EventDict, WrappedLogger
 
 from koinonia.settings import Settings
 
+_PROPAGATOR = TraceContextTextMapPropagator()
+
 
 def build_tracer_provider(
-    settings: Settings, exporter: SpanExporter | None = None
+    settings: Settings, exporter: SpanExporter | None = None, *, service_name: str | None = None
 ) -> TracerProvider | None:
     if exporter is None and settings.otel_exporter_otlp_endpoint is None:
         return None
     provider = TracerProvider(
         resource=Resource.create(
-            {"service.name": settings.otel_service_name, "deployment.environment": settings.env}
+            {
+                "service.name": service_name or settings.otel_service_name,
+                "deployment.environment": settings.env,
+            }
         )
     )
     if exporter is None:
@@ -77,6 +88,28 @@ def instrument_clients(provider: TracerProvider, engines: list[AsyncEngine]) -> 
         RedisInstrumentor().instrument(tracer_provider=provider)
     if not HTTPXClientInstrumentor().is_instrumented_by_opentelemetry:
         HTTPXClientInstrumentor().instrument(tracer_provider=provider)
+
+
+def instrument_engine(provider: TracerProvider, engine: AsyncEngine) -> None:
+    """SQL spans for one more engine (the worker opens fresh engines on every attempt;
+    the instrumentor itself can be switched on only once per process)."""
+    tracer = trace.get_tracer("opentelemetry.instrumentation.sqlalchemy", tracer_provider=provider)
+    usage = metrics.get_meter("koinonia.db").create_up_down_counter(
+        "db.client.connections.usage", unit="connections"
+    )
+    EngineTracer(tracer, engine.sync_engine, usage)  # type: ignore[no-untyped-call]
+
+
+def trace_headers() -> dict[str, str]:
+    """The W3C `traceparent` (and `tracestate`) of the active span; empty without one."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier)
+    return carrier
+
+
+def context_from_headers(carrier: Mapping[str, str]) -> Context:
+    """The remote parent named by a `traceparent` carried with a job (or none)."""
+    return _PROPAGATOR.extract({k: v for k, v in carrier.items() if isinstance(v, str)})
 
 
 def add_trace_ids(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:

@@ -17,9 +17,14 @@ seconds) and:
 - otherwise (a side task or a loop died, the worker returned by itself) →
   `worker_restarting` and a new attempt after a short backoff.
 
-Every new attempt counts in `koinonia_worker_restarts_total{reason}`. SIGTERM/SIGINT stop
-the worker gracefully (running jobs finish); a second signal cancels the running jobs; a
-third one gets the default behaviour.
+Every new attempt counts in `koinonia_worker_restarts_total{reason}`, served with the rest of
+the worker's metrics on its own port (`koinonia.worker_metrics`), which outlives attempts;
+with `OTEL_EXPORTER_OTLP_ENDPOINT` set, jobs and their SQL, Redis and HTTP calls are traced
+(as service `<OTEL_SERVICE_NAME>-worker`). SIGTERM/SIGINT stop
+the worker gracefully: no new jobs are claimed, broadcast slices end after writing back
+the sends in flight (`koinonia.jobs.draining`), and running jobs get
+`WORKER_SHUTDOWN_SECONDS` to finish before they are cancelled; a second signal cancels them
+at once; a third one gets the default behaviour.
 """
 
 from __future__ import annotations
@@ -35,14 +40,18 @@ from typing import Any, NoReturn
 
 import psycopg
 import structlog
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 from procrastinate.exceptions import ProcrastinateException
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError
 
-from koinonia.jobs import build_job_app, open_resources, psycopg_conninfo
+from koinonia.jobs import build_job_app, open_resources, psycopg_conninfo, set_draining
 from koinonia.logging import configure_logging
 from koinonia.settings import Settings
+from koinonia.tracing import build_tracer_provider, instrument_clients, instrument_engine
+from koinonia.worker_metrics import WorkerMetrics
 
 log = structlog.get_logger("koinonia.worker")
 
@@ -108,6 +117,7 @@ class StopRequest:
         name = signal.Signals(signum).name
         if not self.requested.is_set():
             log.info("worker_stop_requested", signal=name)
+            set_draining(True)
             self.requested.set()
         else:
             log.warning("worker_stop_forced", signal=name)
@@ -132,12 +142,21 @@ async def run_worker(settings: Settings, *, concurrency: int, queues: list[str] 
     }
     if queues:  # procrastinate listens to every queue unless told otherwise
         options["queues"] = queues
+    provider = build_tracer_provider(settings, service_name=f"{settings.otel_service_name}-worker")
+    if provider is not None:
+        trace.set_tracer_provider(provider)  # the job spans (koinonia.job_telemetry)
+        instrument_clients(provider, [])  # Redis and httpx; engines per attempt
+    metrics = WorkerMetrics(settings)
+    await metrics.start()
     stop = StopRequest()
     stop.install()
     try:
         await supervise(settings, options, pool_max=concurrency + 2, stop=stop)
     finally:
         stop.uninstall()
+        await metrics.stop()
+        if provider is not None:
+            provider.shutdown()  # flushes the spans still batched
     log.info("worker_stopped")
 
 
@@ -288,6 +307,9 @@ async def run_attempt(
         open_resources(settings, job_app) as job,
         running_loops(job) as loops,
     ):
+        provider = trace.get_tracer_provider()
+        if isinstance(provider, TracerProvider):
+            instrument_engine(provider, job.database.engine)
         runner = asyncio.create_task(job_app.run_worker_async(**options), name="job-runner")
         probe = asyncio.create_task(watch_database(settings), name="database-probe")
         stopping = asyncio.create_task(stop.requested.wait(), name="stop-request")
@@ -304,7 +326,7 @@ async def run_attempt(
             for task in (probe, stopping):
                 task.cancel()
             await asyncio.wait({probe, stopping})
-            await stop_runner(runner, stop)
+            await stop_runner(runner, stop, shutdown_seconds=settings.worker_shutdown_seconds)
         return outcome
 
 
@@ -337,20 +359,27 @@ def classify(
     return Outcome("loop_died", _describe(loop), now)
 
 
-async def stop_runner(runner: asyncio.Task[Any], stop: StopRequest) -> None:
+async def stop_runner(
+    runner: asyncio.Task[Any], stop: StopRequest, *, shutdown_seconds: float
+) -> None:
     """Stop the procrastinate worker. Cancelling `run_worker_async` is its graceful stop
     (no new jobs, running ones finish); a second cancel aborts the running jobs.
 
-    On a stop request the running jobs finish however long they take (until a second
-    signal); after a failure they get TEARDOWN_SECONDS, as the worker's own shutdown
-    would otherwise wait on a dead pool.
+    On a stop request the running jobs get `shutdown_seconds` (WORKER_SHUTDOWN_SECONDS)
+    to finish, or until a second signal; after a failure they get TEARDOWN_SECONDS, as the
+    worker's own shutdown would otherwise wait on a dead pool. A send cancelled mid-call
+    stays `sending` and is settled by its receipt or the reconciler, never sent twice.
     """
     if not runner.done():
         runner.cancel()
         if stop.requested.is_set():
             hard = asyncio.create_task(stop.hard.wait())
-            await asyncio.wait({runner, hard}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {runner, hard}, timeout=shutdown_seconds, return_when=asyncio.FIRST_COMPLETED
+            )
             hard.cancel()
+            if not runner.done():
+                log.warning("worker_shutdown_timeout", shutdown_seconds=shutdown_seconds)
         else:
             await asyncio.wait({runner}, timeout=TEARDOWN_SECONDS)
         if not runner.done():

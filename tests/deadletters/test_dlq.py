@@ -404,25 +404,38 @@ async def test_delete(api: httpx.AsyncClient, operator: Any, dlq_app: FastAPI) -
     assert audit.church_id == church
 
 
-async def test_cleanup_deletes_only_old_rows(app: FastAPI, settings: Settings) -> None:
+async def test_cleanup_deletes_only_old_replayed_rows(app: FastAPI, settings: Settings) -> None:
     kind = unique_kind()
-    old = await insert(app, kind=kind, created_at=datetime.now(UTC) - timedelta(days=40))
-    recent = await insert(app, kind=kind, created_at=datetime.now(UTC) - timedelta(days=20))
+    forty_days_ago = datetime.now(UTC) - timedelta(days=40)
+    old = await insert(app, kind=kind, created_at=forty_days_ago, replay_state="replayed")
+    # Never replayed (or failed to): kept until an operator replays or deletes it.
+    old_pending = await insert(app, kind=kind, created_at=forty_days_ago)
+    old_failed = await insert(
+        app, kind=kind, created_at=forty_days_ago, replay_state="replay_failed"
+    )
+    recent = await insert(
+        app, kind=kind, created_at=datetime.now(UTC) - timedelta(days=20), replay_state="replayed"
+    )
     fresh = await insert(app, kind=kind)
     async with app.state.database.unit_of_work() as session:
         deleted = await service.cleanup(session, retention_days=30)
     assert deleted >= 1
     assert await state_of(app, old) is None
-    assert await state_of(app, recent) == "pending"
+    assert await state_of(app, old_pending) == "pending"
+    assert await state_of(app, old_failed) == "replay_failed"
+    assert await state_of(app, recent) == "replayed"
     assert await state_of(app, fresh) == "pending"
 
     # The daily job does the same with DLQ_RETENTION_DAYS.
-    older = await insert(app, kind=kind, created_at=datetime.now(UTC) - timedelta(days=11))
+    older = await insert(
+        app, kind=kind, created_at=datetime.now(UTC) - timedelta(days=11), replay_state="replayed"
+    )
     job_settings = settings.model_copy(update={"dlq_retention_days": 10})
     async with open_resources(job_settings, build_job_app(job_settings)):
         assert await dlq_jobs.cleanup_dead_letters(timestamp=0) >= 1
     assert await state_of(app, older) is None
     assert await state_of(app, recent) is None
+    assert await state_of(app, old_pending) == "pending"
     assert await state_of(app, fresh) == "pending"
 
 

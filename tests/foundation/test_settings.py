@@ -32,7 +32,7 @@ def test_secrets_are_never_echoed() -> None:
 def test_production_refuses_development_secrets() -> None:
     with pytest.raises(SettingsError) as caught:
         load_settings(KOINONIA_ENV="production")
-    assert "JWT_SECRET must be set to a real secret in production" in str(caught.value)
+    assert "JWT_SECRET: must be set to a real secret in production" in str(caught.value)
 
 
 def test_wildcard_origin_with_credentials_is_refused() -> None:

@@ -46,7 +46,13 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
 from redis import Redis
 
 from koinonia.app import create_app
@@ -67,6 +73,10 @@ ACCOUNT_RATE = 20
 NUMBER_RATE = 10
 MEMBERS = 5
 STOP_BOUND_SECONDS = 5.0
+# A chunk already being sent when the window closes may land just after (one Telnyx
+# timeout plus a little).
+WINDOW_GRACE_SECONDS = 2.5
+ALWAYS_OPEN = {"send_window_start": "00:00", "send_window_end": "00:00"}
 FAULTS: dict[str, dict[str, Any]] = {
     "5xx": {"error_rate": 0.4, "status": 500},
     "hang": {"accept_then_hang_rate": 0.4},
@@ -147,6 +157,18 @@ class Environment:
             cursor = connection.execute(query, params or None)
             return list(cursor.fetchall()) if cursor.description else []
 
+    def patch_church(self, church: Church, body: dict[str, Any]) -> None:
+        """Idempotent, so retried through a database restart until it answers 200."""
+
+        def patched() -> bool:
+            try:
+                answer = self.api.patch("/api/v1/church", json=body, headers=church.headers)
+            except httpx.HTTPError:
+                return False
+            return answer.status_code == 200
+
+        wait_for(patched, within=30, what="PATCH /church", every=0.5)
+
     def settle(self) -> None:
         """Faults clear: the provider behaves, the database and the worker are up, an
         operator lifts any sending pause."""
@@ -193,6 +215,7 @@ def environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Environmen
             "sends_per_second_per_number": NUMBER_RATE,
             "rate_limit_allowlist": ["127.0.0.1/32"],
             "worker_db_grace_seconds": 20.0,
+            "access_token_ttl_seconds": 86400,  # a full-size run outlasts the default
         }
         api_settings = load_settings(**values)
         worker_env = {
@@ -284,6 +307,7 @@ class Broadcast:
     token: str
     church: int
     message_id: str | None  # None: the create's outcome is unknown (no key, an error)
+    urgent: bool = False
     cancelled: bool = False
 
 
@@ -297,14 +321,18 @@ class SendingModel(RuleBasedStateMachine):
         self.env.sandbox.delete("/sandbox/stats")
         self.broadcasts: list[Broadcast] = []
         self.stopped: dict[str, float] = {}  # phone → when its STOP was acknowledged
-        self.db_down = False
+        # Per church: when its sending window closed (None: open), and the closed spells.
+        self.closed_since: list[float | None] = [None, None]
+        self.closures: list[list[tuple[float, float]]] = [[], []]
 
     # --- what churches do -------------------------------------------------------------
 
-    def _create(self, church: int, keyed: bool, **extra: Any) -> None:
+    def _create(self, church: int, keyed: bool, urgent: bool = False, **extra: Any) -> None:
         token = uuid.uuid4().hex[:12]
         target = self.env.churches[church]
         body = {"body": f"{token} Hi {{{{first_name}}}}", "group_ids": [target.group_id]}
+        if urgent:
+            body["urgent"] = True
         headers = dict(target.headers)
         if keyed:
             headers["Idempotency-Key"] = str(uuid.uuid4())
@@ -314,19 +342,27 @@ class SendingModel(RuleBasedStateMachine):
             except httpx.HTTPError:
                 answer = None
             if answer is not None and answer.status_code == 202:
-                self.broadcasts.append(Broadcast(token, church, answer.json()["id"]))
+                self.broadcasts.append(Broadcast(token, church, answer.json()["id"], urgent))
                 return
             if answer is not None and answer.status_code < 500:
                 raise AssertionError(f"create refused: {answer.status_code} {answer.text}")
             time.sleep(0.5)  # the model's client backs off before retrying under its key
         if keyed:
             raise AssertionError("a keyed create never succeeded within 20 s")
-        self.broadcasts.append(Broadcast(token, church, None))
+        self.broadcasts.append(Broadcast(token, church, None, urgent))
 
-    @rule(church=st.integers(0, 1), keyed=st.booleans())
-    def broadcast_now(self, church: int, keyed: bool) -> None:
+    @initialize(keyed=st.booleans())
+    def first_broadcasts(self, keyed: bool) -> None:
+        """Every sequence starts with a broadcast from each church, so the faults that
+        follow always have texts in flight to disturb."""
+        self.tally["broadcast_now"] += 2
+        for church in range(len(self.env.churches)):
+            self._create(church, keyed)
+
+    @rule(church=st.integers(0, 1), keyed=st.booleans(), urgent=st.booleans())
+    def broadcast_now(self, church: int, keyed: bool, urgent: bool) -> None:
         self.tally["broadcast_now"] += 1
-        self._create(church, keyed)
+        self._create(church, keyed, urgent)
 
     @rule(church=st.integers(0, 1), seconds=st.floats(1.0, 4.0))
     def broadcast_scheduled(self, church: int, seconds: float) -> None:
@@ -350,6 +386,34 @@ class SendingModel(RuleBasedStateMachine):
             return
         if answer.status_code == 200:
             chosen.cancelled = True
+
+    @rule(church=st.integers(0, 1))
+    def window_closes(self, church: int) -> None:
+        """The church sets a window that opens in two hours (UTC): it is closed now."""
+        self.tally["window_closes"] += 1
+        if self.closed_since[church] is not None:
+            return
+        opens = datetime.now(UTC) + timedelta(hours=2)
+        body = {
+            "timezone": "UTC",
+            "send_window_start": opens.strftime("%H:%M"),
+            "send_window_end": (opens + timedelta(hours=1)).strftime("%H:%M"),
+        }
+        self.env.patch_church(self.env.churches[church], body)
+        self.closed_since[church] = time.time()
+
+    @rule(church=st.integers(0, 1))
+    def window_opens(self, church: int) -> None:
+        self.tally["window_opens"] += 1
+        self._open_window(church)
+
+    def _open_window(self, church: int) -> None:
+        since = self.closed_since[church]
+        if since is None:
+            return
+        self.env.patch_church(self.env.churches[church], ALWAYS_OPEN)
+        self.closures[church].append((since, time.time()))
+        self.closed_since[church] = None
 
     # --- what phones do ---------------------------------------------------------------
 
@@ -432,6 +496,8 @@ class SendingModel(RuleBasedStateMachine):
     def teardown(self) -> None:
         env = self.env
         env.settle()
+        for church in range(len(env.churches)):
+            self._open_window(church)
         by_token = {b.token: b for b in self.broadcasts}
         for broadcast in self.broadcasts:
             if broadcast.message_id is None:  # did the create land? the token tells
@@ -459,6 +525,13 @@ class SendingModel(RuleBasedStateMachine):
                 texts[(token, phone)] += 1
                 stopped_at = self.stopped.get(phone)
                 accepted = datetime.fromisoformat(text["received_at"].replace("Z", "+00:00"))
+                sent = by_token[token]
+                if not sent.urgent:
+                    at = accepted.timestamp()
+                    for closed, reopened in self.closures[sent.church]:
+                        assert not closed + WINDOW_GRACE_SECONDS < at < reopened, (
+                            f"{token} went out {at - closed:.1f} s into a closed window"
+                        )
                 if stopped_at is not None:
                     assert accepted.timestamp() <= stopped_at + STOP_BOUND_SECONDS, (
                         f"texted {token} {accepted.timestamp() - stopped_at:.1f} s after STOP"
@@ -517,4 +590,5 @@ def test_sending_keeps_its_promises_under_random_sequences(environment: Environm
     sys.stderr.write(f"model sequences: {dict(tally)}\n")
     # Not vacuous: sequences ran to their checks, and texts went out and were checked.
     assert tally["sequences"] >= examples
-    assert tally["texts_checked"] > 0
+    assert tally["broadcasts_checked"] >= examples
+    assert tally["texts_checked"] >= examples * MEMBERS

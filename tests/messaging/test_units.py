@@ -106,6 +106,13 @@ async def test_send_rates_hold_account_wide_and_per_number_and_keep_room_for_rep
     assert second == 0 and wait > 0
     replies = [(await rates.take("+12025550002", 1, bulk=False))[0] for _ in range(3)]
     assert replies == [1, 1, 0]
+    # Segments count: a 3-part text takes 3 tokens, and one longer than the burst waits
+    # for a full bucket, then goes alone.
+    await redis.delete(ACCOUNT_BUCKET, "sendrate:+12025550002")
+    assert (await rates.take("+12025550002", 5, segments=3))[0] == 1
+    await redis.delete(ACCOUNT_BUCKET, "sendrate:+12025550002")
+    assert (await rates.take("+12025550002", 5, segments=10))[0] == 1
+    assert (await rates.take("+12025550002", 5, segments=1))[0] == 0  # in debt for 10
     # Telnyx asked us to slow down: nobody sends until the cool-down ends.
     await rates.cool_down(5)
     granted, wait = await rates.take("+12025550001", 1, bulk=False)

@@ -146,7 +146,7 @@ async def test_numbers_search_order_and_profile_routing() -> None:
 
 
 async def test_webhook_retry_then_failover_with_attempt_count() -> None:
-    async with sandbox() as (http, receiver):
+    async with sandbox(webhook_retry_pauses=(0.01, 0.01, 0.01)) as (http, receiver):
         public = (await http.get("/sandbox/public-key")).json()["public_key"]
         receiver.failures = 4  # three tries at the primary, one at the failover
         sent = await http.post(

@@ -1,4 +1,9 @@
-"""Lockout after repeated failed logins for one email, kept in Redis.
+"""Lockout after repeated failed logins for one email FROM ONE CLIENT IP, kept in Redis.
+
+Keyed by email and IP: keyed by email alone, anyone who knows a staff member's email
+could keep them locked out by failing logins for it. Guessing from many addresses is
+bounded by each address's own lockout and its failed-authentication limit
+(`RATE_LIMIT_AUTH_FAILURES_PER_MINUTE`), and by argon2's cost.
 
 Best effort by design: if Redis is down logins still work (the per-IP limit then runs
 in process, see `koinonia.ratelimit`), because locking everyone out would be worse.
@@ -16,9 +21,10 @@ from redis.exceptions import RedisError
 log = structlog.get_logger(__name__)
 
 
-def _subject(email: str) -> str:
+def _subject(email: str, client_ip: str | None) -> str:
     # Hashed: Redis keys and logs must not hold emails.
-    return hashlib.sha256(email.strip().lower().encode()).hexdigest()[:32]
+    pair = f"{email.strip().lower()}\n{client_ip or '-'}"
+    return hashlib.sha256(pair.encode()).hexdigest()[:32]
 
 
 class LoginLockout:
@@ -27,16 +33,16 @@ class LoginLockout:
         self._failures = failures
         self._seconds = seconds
 
-    async def locked_for(self, email: str) -> int:
-        """Seconds the account stays locked (0 when it is not)."""
+    async def locked_for(self, email: str, client_ip: str | None) -> int:
+        """Seconds the account stays locked for this IP (0 when it is not)."""
         try:
-            ttl = int(await self._redis.ttl(f"lockout:{_subject(email)}"))
+            ttl = int(await self._redis.ttl(f"lockout:{_subject(email, client_ip)}"))
         except RedisError:
             return 0
         return max(ttl, 0)
 
-    async def failed(self, email: str) -> None:
-        subject = _subject(email)
+    async def failed(self, email: str, client_ip: str | None) -> None:
+        subject = _subject(email, client_ip)
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.incr(f"loginfail:{subject}")
@@ -49,6 +55,6 @@ class LoginLockout:
         except RedisError as error:
             log.warning("login_lockout_unavailable", error=type(error).__name__)
 
-    async def succeeded(self, email: str) -> None:
+    async def succeeded(self, email: str, client_ip: str | None) -> None:
         with contextlib.suppress(RedisError):
-            await self._redis.delete(f"loginfail:{_subject(email)}")
+            await self._redis.delete(f"loginfail:{_subject(email, client_ip)}")

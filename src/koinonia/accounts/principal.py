@@ -13,6 +13,10 @@ class Principal:
     user_id: uuid.UUID | None = None
     api_key_id: uuid.UUID | None = None
     is_operator: bool = False
+    # The user's `auth_version` the access token was issued with (see revocation.py).
+    auth_version: int = 0
+    # The user an API key acts for (its creator); the key never has more rights than they.
+    key_creator_id: uuid.UUID | None = None
 
     @property
     def actor_id(self) -> uuid.UUID | None:

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, status
 from sqlalchemy import select
 
-from koinonia.accounts import service, sessions
+from koinonia.accounts import mfa, service, sessions
 from koinonia.accounts.deps import CurrentPrincipal, Manager
 from koinonia.accounts.lockout import LoginLockout
 from koinonia.accounts.schemas import (
@@ -20,6 +20,8 @@ from koinonia.accounts.schemas import (
     ChurchUpdate,
     LoginRequest,
     MeOut,
+    MfaChallengeOut,
+    MfaEnrolmentRequiredOut,
     RefreshRequest,
     RegisterOut,
     RegisterRequest,
@@ -32,9 +34,10 @@ from koinonia.accounts.tables import ApiKey, Church, User
 from koinonia.accounts.tokens import issue_access_token
 from koinonia.errors import AuthenticationError, RateLimitedError, problem_responses
 from koinonia.http.deps import AppSettings, DbSession, get_database
-from koinonia.http.pagination import Page, PageParams, cursor_uuid, make_page, page_params
-from koinonia.http.ratelimits import limit_per_ip
+from koinonia.http.pagination import Page, PageParams, cursor_key, make_page, page_params
+from koinonia.http.ratelimits import client_ip, limit_per_ip, record_failure
 from koinonia.jobs import defer_in_transaction
+from koinonia.messaging.broadcasts import follow_window_change
 from koinonia.numbers.jobs import NUMBERS_QUEUE, PROVISION_TASK, queueing_lock
 
 auth = APIRouter(prefix="/api/v1/auth", tags=["auth"])
@@ -46,6 +49,8 @@ routers = [auth, church, users, keys]
 Pages = Annotated[PageParams, Depends(page_params)]
 AUTHED = problem_responses(401, 429)
 MANAGED = problem_responses(401, 403, 404, 422, 429)
+# Revoking a user's tokens needs Redis: without it the change is refused with 503.
+REVOKING = problem_responses(401, 403, 404, 422, 429, 503)
 
 
 def _lockout(request: Request) -> LoginLockout:
@@ -89,29 +94,55 @@ async def register(
 
 @auth.post(
     "/login",
-    dependencies=[Depends(limit_per_ip("login"))],
+    # Per IP, and an IP over its failed-authentication limit is refused before any work.
+    dependencies=[Depends(limit_per_ip("login", refuse_failing=True))],
     responses=problem_responses(401, 422, 429),
 )
 async def login(
     body: LoginRequest, request: Request, session: DbSession, settings: AppSettings
-) -> TokenPair:
+) -> TokenPair | MfaChallengeOut | MfaEnrolmentRequiredOut:
+    """The token pair; or, with MFA on, `{"mfa_required": true, "challenge"}` (no tokens:
+    send the challenge and a code to `POST /auth/mfa/verify`); or, when the church requires
+    MFA and the user has none, `{"mfa_enrolment_required": true, "challenge"}` (the
+    challenge only enrols: `POST /auth/mfa/enrol` and `/auth/mfa/confirm`)."""
     lockout = _lockout(request)
-    if wait := await lockout.locked_for(body.email):
+    ip = client_ip(request)
+    # Keyed by email AND client IP: failing from elsewhere cannot lock the real user out.
+    if wait := await lockout.locked_for(body.email, ip):
         raise RateLimitedError(
             "Too many failed logins; try again later", headers={"Retry-After": str(wait)}
         )
     try:
         user = await service.authenticate(session, body.email, body.password)
     except AuthenticationError:
-        await lockout.failed(body.email)
+        await lockout.failed(body.email, ip)
+        await record_failure(request)
         raise
-    await lockout.succeeded(body.email)
+    if user.mfa_enabled_at is not None:
+        # Not a success yet: failures keep counting until the second factor passes.
+        return MfaChallengeOut(
+            challenge=mfa.issue_challenge(settings, user, "verify"),
+            expires_in=mfa.challenge_ttl("verify"),
+        )
+    await lockout.succeeded(body.email, ip)
+    church_row = await session.get(Church, user.church_id)
+    if church_row is not None and church_row.require_mfa:
+        return MfaEnrolmentRequiredOut(
+            challenge=mfa.issue_challenge(settings, user, "enrol"),
+            expires_in=mfa.challenge_ttl("enrol"),
+        )
+    service.record_login(session, user)
     return await service.token_pair(session, settings, user)
 
 
-@auth.post("/refresh", responses=problem_responses(401, 422))
+@auth.post(
+    "/refresh",
+    dependencies=[Depends(limit_per_ip("refresh", refuse_failing=True))],
+    responses=problem_responses(401, 422, 429),
+)
 async def refresh(body: RefreshRequest, request: Request, settings: AppSettings) -> TokenPair:
-    """Exchange a refresh token for a new pair; a token works once."""
+    """Exchange a refresh token for a new pair; a token works once. Limited per client IP
+    (`RATE_LIMIT_REFRESH_PER_MINUTE`); bad tokens count as failed authentications."""
     # Its own transaction: revoking a reused token's family must commit even though the
     # answer is an error.
     async with get_database(request).unit_of_work() as session:
@@ -127,10 +158,12 @@ async def refresh(body: RefreshRequest, request: Request, settings: AppSettings)
                     church_id=user.church_id,
                     role=user.role,
                     is_operator=user.is_operator,
+                    auth_version=user.auth_version,
                 ),
                 refresh_token=rotation.token,
                 expires_in=settings.access_token_ttl_seconds,
             )
+    await record_failure(request)
     if rotation.reused:
         raise AuthenticationError("This refresh token was already used; log in again")
     raise AuthenticationError("The refresh token is not valid")
@@ -162,18 +195,27 @@ async def me(principal: CurrentPrincipal, session: DbSession) -> MeOut:
     )
 
 
-@church.patch("", responses=MANAGED)
-async def update_church(body: ChurchUpdate, principal: Manager, session: DbSession) -> ChurchOut:
+@church.patch("", responses=problem_responses(401, 403, 404, 409, 422, 429, 503))
+async def update_church(
+    body: ChurchUpdate, principal: Manager, session: DbSession, request: Request
+) -> ChurchOut:
     """Change the church profile (owner, admin): name, IANA time zone, default region, HELP
-    text and the sending window (`send_window_start`/`send_window_end`, local "HH:MM")."""
+    text and the sending window (`send_window_start`/`send_window_end`, local "HH:MM").
+    `require_mfa` is the owner's alone (see docs/auth.md)."""
     row = await session.get(Church, principal.church_id)
     if row is None:
         raise AuthenticationError()
-    for field, value in body.model_dump(exclude_unset=True).items():
+    changes = body.model_dump(exclude_unset=True)
+    if (required := changes.pop("require_mfa", None)) is not None:
+        limiter = request.app.state.rate_limiter
+        await mfa.set_church_requirement(session, limiter, principal, row, required)
+    for field, value in changes.items():
         if value is not None or field == "help_text":
             setattr(row, field, value)
     await session.flush()
     await session.refresh(row)
+    if changes.keys() & {"timezone", "send_window_start", "send_window_end"}:
+        await follow_window_change(session, row)
     return ChurchOut.model_validate(row)
 
 
@@ -181,7 +223,7 @@ async def update_church(body: ChurchUpdate, principal: Manager, session: DbSessi
 async def list_users(principal: Manager, session: DbSession, page: Pages) -> Page[UserOut]:
     query = select(User).where(User.church_id == principal.church_id)
     if page.cursor:
-        query = query.where(User.id > cursor_uuid(page))
+        query = query.where(User.id > cursor_key(page, uuid.UUID)[0])
     rows = (await session.scalars(query.order_by(User.id).limit(page.limit + 1))).all()
     return make_page([UserOut.model_validate(r) for r in rows], page.limit, lambda u: [u.id])
 
@@ -193,24 +235,31 @@ async def create_user(body: UserCreate, principal: Manager, session: DbSession) 
     return UserOut.model_validate(await service.create_user(session, principal, body))
 
 
-@users.patch("/{user_id}", responses=MANAGED)
+@users.patch("/{user_id}", responses=REVOKING)
 async def update_user(
-    user_id: uuid.UUID, body: UserUpdate, principal: Manager, session: DbSession
+    user_id: uuid.UUID, body: UserUpdate, principal: Manager, session: DbSession, request: Request
 ) -> UserOut:
-    user = await service.update_user(session, principal, user_id, body)
+    """Role, status and password changes end the user's access tokens on their next
+    request; deactivating also revokes their API keys."""
+    user = await service.update_user(
+        session, principal, user_id, body, limiter=request.app.state.rate_limiter
+    )
     return UserOut.model_validate(user)
 
 
-@users.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT, responses=MANAGED)
-async def delete_user(user_id: uuid.UUID, principal: Manager, session: DbSession) -> None:
-    await service.delete_user(session, principal, user_id)
+@users.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT, responses=REVOKING)
+async def delete_user(
+    user_id: uuid.UUID, principal: Manager, session: DbSession, request: Request
+) -> None:
+    """Delete a user: their access tokens and API keys stop working at once."""
+    await service.delete_user(session, principal, user_id, limiter=request.app.state.rate_limiter)
 
 
 @keys.get("", responses=MANAGED)
 async def list_api_keys(principal: Manager, session: DbSession, page: Pages) -> Page[ApiKeyOut]:
     query = select(ApiKey).where(ApiKey.church_id == principal.church_id)
     if page.cursor:
-        query = query.where(ApiKey.id > cursor_uuid(page))
+        query = query.where(ApiKey.id > cursor_key(page, uuid.UUID)[0])
     rows = (await session.scalars(query.order_by(ApiKey.id).limit(page.limit + 1))).all()
     return make_page([ApiKeyOut.model_validate(r) for r in rows], page.limit, lambda k: [k.id])
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from koinonia.accounts import api_keys, passwords, sessions
+from koinonia.accounts import api_keys, passwords, revocation, sessions
 from koinonia.accounts.principal import Principal
 from koinonia.accounts.schemas import (
     ApiKeyCreate,
@@ -21,6 +21,7 @@ from koinonia.accounts.tables import ApiKey, Church, User
 from koinonia.accounts.tokens import issue_access_token
 from koinonia.audit import service as audit
 from koinonia.errors import AuthenticationError, AuthorizationError, ConflictError
+from koinonia.ratelimit import RateLimiter
 from koinonia.settings import Settings
 from koinonia.tenancy import get_owned
 
@@ -40,6 +41,7 @@ async def token_pair(session: AsyncSession, settings: Settings, user: User) -> T
             church_id=user.church_id,
             role=user.role,
             is_operator=user.is_operator,
+            auth_version=user.auth_version,
         ),
         refresh_token=await sessions.issue(session, user, settings.refresh_token_ttl_seconds),
         expires_in=settings.access_token_ttl_seconds,
@@ -84,9 +86,19 @@ async def authenticate(session: AsyncSession, email: str, password: str) -> User
         raise AuthenticationError("The email or password is wrong")
     if passwords.needs_rehash(user.password_hash):
         user.password_hash = await passwords.hash_password(password)
-    user.last_login_at = datetime.now(UTC)
-    audit.record(session, action="user.login", church_id=user.church_id, actor_id=user.id)
     return user
+
+
+def record_login(session: AsyncSession, user: User, *, mfa: str | None = None) -> None:
+    """A login completed: the password, and the second factor when MFA is on."""
+    user.last_login_at = datetime.now(UTC)
+    audit.record(
+        session,
+        action="user.login",
+        church_id=user.church_id,
+        actor_id=user.id,
+        details={"mfa": mfa} if mfa else None,
+    )
 
 
 async def create_user(session: AsyncSession, actor: Principal, body: UserCreate) -> User:
@@ -122,7 +134,12 @@ def _guard_target(actor: Principal, target: User) -> None:
 
 
 async def update_user(
-    session: AsyncSession, actor: Principal, user_id: uuid.UUID, body: UserUpdate
+    session: AsyncSession,
+    actor: Principal,
+    user_id: uuid.UUID,
+    body: UserUpdate,
+    *,
+    limiter: RateLimiter,
 ) -> User:
     user = await get_owned(session, User, user_id, actor.church_id, what="user")
     changes = body.model_dump(exclude_unset=True)
@@ -132,6 +149,7 @@ async def update_user(
             raise AuthorizationError("The owner's role and status cannot change")
     elif user.role == "owner" and actor.role != "owner":
         raise AuthorizationError("Only the owner can change the owner's account")
+    previous_role, previous_active = user.role, user.is_active
     if body.name is not None:
         user.name = body.name
     if body.role is not None:
@@ -143,6 +161,15 @@ async def update_user(
     if body.password is not None:
         user.password_hash = await passwords.hash_password(body.password)
         await sessions.revoke_user(session, user.id)
+    role_changed = body.role is not None and body.role != previous_role
+    status_changed = body.is_active is not None and body.is_active != previous_active
+    if role_changed or status_changed or body.password is not None:
+        # Access tokens end on their next request; deactivating also revokes the API keys
+        # (a demotion caps them at use instead, see revocation.py).
+        await session.flush()
+        await revocation.revoke_user(
+            session, limiter, user.id, api_keys=status_changed and not user.is_active
+        )
     audit.record(
         session,
         action="user.updated",
@@ -157,11 +184,15 @@ async def update_user(
     return user
 
 
-async def delete_user(session: AsyncSession, actor: Principal, user_id: uuid.UUID) -> None:
+async def delete_user(
+    session: AsyncSession, actor: Principal, user_id: uuid.UUID, *, limiter: RateLimiter
+) -> None:
     user = await get_owned(session, User, user_id, actor.church_id, what="user")
     _guard_target(actor, user)
     if user.role == "owner":
         raise AuthorizationError("The owner cannot be deleted")
+    # Tokens and API keys end at once (before the row goes: keys keep no creator after).
+    await revocation.revoke_user(session, limiter, user.id, api_keys=True)
     await session.delete(user)
     audit.record(
         session,
@@ -184,7 +215,8 @@ async def create_api_key(
         prefix=generated.prefix,
         key_hash=generated.key_hash,
         role=body.role,
-        created_by=actor.user_id,
+        # A key made by a key acts for the same user, so it is capped by them too.
+        created_by=actor.user_id or actor.key_creator_id,
     )
     session.add(key)
     await session.flush()

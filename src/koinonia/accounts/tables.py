@@ -6,6 +6,7 @@ import uuid
 from datetime import datetime, time
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     CheckConstraint,
     DateTime,
@@ -14,6 +15,7 @@ from sqlalchemy import (
     String,
     Text,
     Time,
+    UniqueConstraint,
     func,
     text,
 )
@@ -58,6 +60,8 @@ class Church(Base):
     plan: Mapped[str] = mapped_column(String(40), server_default="trial")
     subscription_status: Mapped[str] = mapped_column(String(30), server_default="trialing")
     stripe_customer_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    # Staff without MFA must enrol before they get tokens (accounts/mfa.py); keys unaffected.
+    require_mfa: Mapped[bool] = mapped_column(Boolean, server_default="false")
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
@@ -82,7 +86,33 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(10))
     is_operator: Mapped[bool] = mapped_column(Boolean, server_default="false")
     is_active: Mapped[bool] = mapped_column(Boolean, server_default="true")
+    # Raised by every change that must end the user's access tokens at once (delete,
+    # deactivate, role or password change); tokens carry it, see accounts/revocation.py.
+    auth_version: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    # TOTP (accounts/mfa.py): the secret AES-GCM encrypted with the member key ring, on
+    # once `mfa_enabled_at` is set (a secret without it is an unconfirmed enrolment), and
+    # the last time step accepted (each code works once).
+    mfa_secret: Mapped[bytes | None] = mapped_column()
+    mfa_enabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    mfa_last_step: Mapped[int | None] = mapped_column(BigInteger)
     last_login_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _created_at()
+
+    @property
+    def mfa_enabled(self) -> bool:
+        return self.mfa_enabled_at is not None
+
+
+class MfaRecoveryCode(Base):
+    """Single-use recovery codes, stored as a keyed hash (accounts/mfa.py)."""
+
+    __tablename__ = "mfa_recovery_codes"
+    __table_args__ = (UniqueConstraint("user_id", "code_hash"),)
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    code_hash: Mapped[bytes] = mapped_column()
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _created_at()
 
 

@@ -13,6 +13,12 @@ from koinonia.errors import AuthenticationError
 from koinonia.settings import Settings
 
 ALGORITHM = "HS256"
+
+
+class TokenExpiredError(AuthenticationError):
+    """A genuine token past its lifetime: routine for clients, not an attack signal."""
+
+
 ISSUER = "koinonia"
 
 
@@ -23,6 +29,7 @@ def issue_access_token(
     church_id: uuid.UUID,
     role: str,
     is_operator: bool = False,
+    auth_version: int = 0,
 ) -> str:
     now = int(time.time())
     claims: dict[str, Any] = {
@@ -35,6 +42,8 @@ def issue_access_token(
         "exp": now + settings.access_token_ttl_seconds,
         "jti": uuid.uuid4().hex,
         "typ": "access",
+        # The user's version when issued: a later revocation raises it (revocation.py).
+        "ver": auth_version,
     }
     return jwt.encode(claims, settings.jwt_secret.get_secret_value(), algorithm=ALGORITHM)
 
@@ -49,7 +58,7 @@ def decode_access_token(settings: Settings, token: str) -> Principal:
             options={"require": ["exp", "iat", "sub", "church", "role"]},
         )
     except jwt.ExpiredSignatureError:
-        raise AuthenticationError("The access token has expired") from None
+        raise TokenExpiredError("The access token has expired") from None
     except jwt.PyJWTError:
         raise AuthenticationError("The access token is not valid") from None
     if claims.get("typ") != "access":
@@ -60,6 +69,13 @@ def decode_access_token(settings: Settings, token: str) -> Principal:
             role=str(claims["role"]),
             user_id=uuid.UUID(claims["sub"]),
             is_operator=bool(claims.get("op")),
+            auth_version=_version(claims.get("ver", 0)),
         )
     except (ValueError, TypeError):
         raise AuthenticationError("The access token is not valid") from None
+
+
+def _version(value: object) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError("ver")
+    return value

@@ -15,7 +15,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from koinonia.breaker import CircuitBreaker, CircuitOpenError
 from koinonia.errors import ExternalServiceError, ServiceUnavailableError
-from koinonia.health.checks import Degraded, HealthCheck
+from koinonia.health.checks import BackgroundCheck, Degraded, HealthCheck
 from koinonia.observability import RETRIES
 from koinonia.settings import Settings
 
@@ -131,14 +131,19 @@ class StripeGateway:
         return str(session.url)
 
     def health_check(self) -> HealthCheck:
+        """The provider call (`GET /v1/balance`): run in the background only."""
+
         async def probe() -> None:
-            state = (await self.breaker.status()).state
             await self.client.v1.balance.retrieve_async()
-            if state != "closed":
-                raise Degraded(f"circuit {state}")
 
         # Not critical: without Stripe the product still texts; only checkout waits.
         return HealthCheck("stripe", probe, critical=False)
+
+    async def breaker_probe(self) -> None:
+        """Checked on every health request (a Redis read, no provider call)."""
+        state = (await self.breaker.status()).state
+        if state != "closed":
+            raise Degraded(f"circuit {state}")
 
 
 @asynccontextmanager
@@ -146,5 +151,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     gateway = StripeGateway(settings, CircuitBreaker(app.state.redis, "stripe"))
     app.state.stripe = gateway
-    app.state.health_checks.append(gateway.health_check())
-    yield
+    # Probes never call Stripe: it is checked in the background, every interval.
+    monitor = BackgroundCheck(
+        gateway.health_check(),
+        settings.provider_health_interval_seconds,
+        settings.health_check_timeout,
+        live=gateway.breaker_probe,
+    )
+    await monitor.start()
+    app.state.health_checks.append(monitor.served())
+    try:
+        yield
+    finally:
+        await monitor.stop()

@@ -72,28 +72,41 @@ async def checkout(
     body: CheckoutRequest,
     principal: Owner,
     request: Request,
-    session: DbSession,
     settings: AppSettings,
 ) -> RedirectOut:
-    """A Stripe Checkout URL for the plan (owner only)."""
+    """A Stripe Checkout URL for the plan (owner only).
+
+    No Stripe call runs inside a database transaction: the church is read in one short
+    transaction, the customer created (idempotency key derived from the church, so a
+    retry finds the same customer), its id stored in a second one, then the checkout
+    session is created."""
     plan = plan_by_id(settings, body.plan)
     if plan is None:
         raise ValidationError(
             "Unknown plan", errors=[FieldError("plan", f"one of {[p.id for p in plans(settings)]}")]
         )
-    subscription = await ledger.ensure_subscription(session, settings, principal.church_id)
+    database = get_database(request)
     gateway = _gateway(request)
-    if subscription.stripe_customer_id is None:
+    async with database.unit_of_work() as session:
+        subscription = await ledger.ensure_subscription(session, settings, principal.church_id)
+        customer = subscription.stripe_customer_id
         church = await session.get(Church, principal.church_id)
         user = await session.get(User, principal.user_id) if principal.user_id else None
-        subscription.stripe_customer_id = await gateway.create_customer(
-            principal.church_id, church.name if church else "", user.email if user else None
-        )
-        await ledger.sync_church(session, subscription)
+        name, email = (church.name if church else ""), (user.email if user else None)
+    if customer is None:
+        created = await gateway.create_customer(principal.church_id, name, email)
+        async with database.unit_of_work() as session:
+            subscription = await ledger.ensure_subscription(session, settings, principal.church_id)
+            if subscription.stripe_customer_id is None:
+                subscription.stripe_customer_id = created
+                await ledger.sync_church(session, subscription)
+            customer = subscription.stripe_customer_id
+        await request.app.state.replicas.note_write(principal.church_id)
+    assert customer is not None
     base = str(settings.public_base_url).rstrip("/")
     session_id, url = await gateway.create_checkout(
         principal.church_id,
-        subscription.stripe_customer_id,
+        customer,
         plan.price_id,
         f"{base}/billing/done",
         f"{base}/billing/cancelled",
@@ -102,15 +115,16 @@ async def checkout(
 
 
 @router.post("/portal", responses=OWNER)
-async def portal(
-    principal: Owner, request: Request, session: DbSession, settings: AppSettings
-) -> RedirectOut:
-    """A Stripe billing-portal URL (owner only; after a first checkout)."""
-    subscription = await ledger.ensure_subscription(session, settings, principal.church_id)
-    if subscription.stripe_customer_id is None:
+async def portal(principal: Owner, request: Request, settings: AppSettings) -> RedirectOut:
+    """A Stripe billing-portal URL (owner only; after a first checkout). Stripe is called
+    after the read's transaction has ended."""
+    async with get_database(request).unit_of_work() as session:
+        subscription = await ledger.ensure_subscription(session, settings, principal.church_id)
+        customer = subscription.stripe_customer_id
+    if customer is None:
         raise ValidationError("There is no Stripe customer yet; start with a checkout")
     url = await _gateway(request).create_portal(
-        subscription.stripe_customer_id, str(settings.public_base_url).rstrip("/") + "/billing"
+        customer, str(settings.public_base_url).rstrip("/") + "/billing"
     )
     return RedirectOut(url=url)
 
@@ -119,7 +133,7 @@ async def portal(
 async def stripe_webhook(request: Request, settings: AppSettings) -> WebhookAck:
     """Verified (`Stripe-Signature`), deduplicated by event id, applied idempotently."""
     payload = await request.body()
-    secrets = [s.strip() for s in settings.stripe_webhook_secrets.get_secret_value().split(",")]
+    secrets = [secret for secret in settings.stripe_webhook_secret_list if secret]
     event = webhooks.verify(
         payload,
         request.headers.get("stripe-signature"),
@@ -128,8 +142,7 @@ async def stripe_webhook(request: Request, settings: AppSettings) -> WebhookAck:
     )
     # Stored and applied in one transaction: if applying fails nothing is recorded and
     # Stripe's redelivery tries again; a redelivered event that was applied is a no-op.
+    # A malformed event is stored, dead-lettered and acknowledged (webhooks.receive).
     async with get_database(request).unit_of_work() as session:
-        new = await webhooks.store(session, event)
-        if new and event["type"] in webhooks.HANDLED:
-            await webhooks.apply(session, settings, event)
+        new = await webhooks.receive(session, settings, event)
     return WebhookAck(received=True, duplicate=not new)

@@ -41,6 +41,11 @@ class Subscription(Base):
     cancel_at_period_end: Mapped[bool] = mapped_column(Boolean, server_default="false")
     # `created` of the newest Stripe event applied: older ones arriving late change nothing.
     last_event_created: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    # `created` of the newest event (subscription or invoice) that set `status`.
+    status_event_created: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    # The newest invoice event applied: (invoice period end or created, event created).
+    invoice_period_end: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    invoice_event_created: Mapped[int] = mapped_column(BigInteger, server_default="0")
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

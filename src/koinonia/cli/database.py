@@ -11,7 +11,9 @@ from alembic.config import Config
 from psycopg import sql
 
 from koinonia.cli.common import settings_or_exit
+from koinonia.db import timeout_values
 from koinonia.jobs import psycopg_conninfo
+from koinonia.settings import Settings
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -47,7 +49,23 @@ def migrate(
     if create_db and ensure_database(settings.database_url):
         typer.echo("created database")
     command.upgrade(alembic_config(settings.database_url), revision)
+    apply_database_timeouts(settings)
     typer.echo(f"database migrated to {revision}")
+
+
+def apply_database_timeouts(settings: Settings, database_url: str | None = None) -> None:
+    """Make the configured timeouts the database's defaults for every new session: they
+    then hold behind PgBouncer (which drops startup options) at no cost per request."""
+    conninfo = psycopg_conninfo(database_url or settings.database_url)
+    with psycopg.connect(conninfo, autocommit=True) as connection:
+        row = connection.execute("SELECT current_database()").fetchone()
+        assert row is not None
+        for name, value in timeout_values(settings).items():
+            connection.execute(
+                sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+                    sql.Identifier(str(row[0])), sql.Identifier(name), sql.Literal(value)
+                )
+            )
 
 
 def downgrade(revision: str = typer.Argument(..., help="Target revision, e.g. base")) -> None:

@@ -1,7 +1,8 @@
 """`koinonia dev`: the whole local system in one command.
 
 Migrates the database, seeds a demo church, and runs the sandbox (Telnyx + Stripe), a
-worker and the API as child processes until interrupted. A fresh Ed25519 key pair links
+worker and the API as child processes until interrupted: Ctrl-C (SIGINT) or SIGTERM (a
+process manager, `timeout`) stops every child before it exits. A fresh Ed25519 key pair links
 the sandbox (which signs webhooks) to the API (which verifies them).
 """
 
@@ -67,6 +68,27 @@ def _wait_http(url: str, timeout: float = 30.0) -> bool:
             pass
         time.sleep(0.2)
     return False
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM arrived: stop the children as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+def _stop_children(processes: list[subprocess.Popen[bytes]], within: float) -> None:
+    """SIGTERM every child still running, wait for all of them until `within` seconds
+    have passed, then SIGKILL the ones left."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this short
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + within
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 RESTART_FIRST_SECONDS = 1.0
@@ -143,15 +165,16 @@ def dev(
 
     koinonia = [sys.executable, "-m", "koinonia"]
     available = _commands()
-    processes = []
-    if "sandbox" in available:
-        processes.append(subprocess.Popen([*koinonia, "sandbox"], env=env))  # noqa: S603
+    processes: list[subprocess.Popen[bytes]] = []
     worker_slots = [WorkerSlot([*koinonia, "worker"], env) for _ in range(workers)]
-    for slot in worker_slots:
-        slot.start()
-    processes.append(subprocess.Popen([*koinonia, "api"], env=env))  # noqa: S603
     api = f"http://{settings.api_host}:{settings.api_port}"
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if "sandbox" in available:
+            processes.append(subprocess.Popen([*koinonia, "sandbox"], env=env))  # noqa: S603
+        for slot in worker_slots:
+            slot.start()
+        processes.append(subprocess.Popen([*koinonia, "api"], env=env))  # noqa: S603
         if not _wait_http(f"{api}/livez"):
             typer.echo("the API did not start; see the log above", err=True)
             raise typer.Exit(1)
@@ -174,11 +197,5 @@ def dev(
         pass
     finally:
         processes += [slot.process for slot in worker_slots if slot.process is not None]
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        # Workers finish their running jobs within WORKER_SHUTDOWN_SECONDS.
+        _stop_children(processes, settings.worker_shutdown_seconds + 10)

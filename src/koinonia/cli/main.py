@@ -8,7 +8,7 @@ import sys
 import typer
 import uvicorn
 
-from koinonia.cli import database, dev, members, partitions, seed
+from koinonia.cli import backup, database, dev, members, partitions, seed
 from koinonia.cli.common import settings_or_exit
 from koinonia.settings import Settings, SettingsError, load_settings
 
@@ -23,6 +23,8 @@ app.command()(dev.dev)
 app.command("seed-demo")(seed.seed_demo)
 app.add_typer(members.app, name="members")
 app.add_typer(partitions.app, name="partitions")
+app.add_typer(backup.app, name="backup")
+app.command()(backup.restore)
 
 
 @app.command("check-env")
@@ -70,10 +72,15 @@ def api(
 ) -> None:
     """Serve the HTTP API."""
     settings = settings_or_exit()
+    bind = host or settings.api_host
+    problem = settings.loopback_problem(bind)
+    if problem:  # `--host` is held to the rule API_HOST is (settings.py)
+        print(f"Refusing to serve: --host {problem}", file=sys.stderr)
+        raise typer.Exit(code=2)
     uvicorn.run(
         "koinonia.app:app_factory",
         factory=True,
-        host=host or settings.api_host,
+        host=bind,
         port=port or settings.api_port,
         workers=workers,
         reload=reload,
@@ -83,7 +90,9 @@ def api(
         proxy_headers=True,
         forwarded_allow_ips=",".join(settings.trusted_proxies) or "127.0.0.1",
         server_header=False,
-        timeout_graceful_shutdown=20,
+        # SIGTERM: stop accepting, let in-flight requests finish this long, then the
+        # lifespan's shutdown closes the pools (docs/operations.md#shutdown).
+        timeout_graceful_shutdown=max(1, round(settings.api_shutdown_seconds)),
     )
 
 

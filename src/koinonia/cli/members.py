@@ -1,4 +1,5 @@
-"""`koinonia members …`: CSV import from a file, with a progress bar; key rotation."""
+"""`koinonia members …`: CSV import from a file, with a progress bar; key rotation;
+phone re-normalisation."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ from koinonia.db import Database
 from koinonia.members.crypto import ContactCipher
 from koinonia.members.importing import ImportFailedError, ImportOptions, run_import
 from koinonia.members.imports import apply_result
+from koinonia.members.renormalize import (
+    Flagged,
+    Renormalized,
+    flagged_members,
+    renormalize_phones,
+)
 from koinonia.members.tables import Member, MemberImport
 from koinonia.settings import Settings
 
@@ -164,3 +171,31 @@ def rotate_keys(batch: int = typer.Option(1000, min=1)) -> None:
     settings = settings_or_exit()
     changed = asyncio.run(_rotate(settings, batch))
     typer.echo(f"re-encrypted {changed} member(s) with key {settings.member_encryption_active_key}")
+
+
+async def _renormalize(settings: Settings, batch: int) -> tuple[Renormalized, list[Flagged]]:
+    database = Database(settings)
+    cipher = ContactCipher.from_settings(settings)
+    try:
+        result = await renormalize_phones(database, cipher, batch)
+        return result, await flagged_members(database)
+    finally:
+        await database.dispose()
+
+
+@app.command("renormalize-phones")
+def renormalize(batch: int = typer.Option(1000, min=1)) -> None:
+    """Re-normalise every stored phone to ASCII E.164 (run after `koinonia migrate`; needs
+    the member keys). Same phone twice in a church: opt-outs are copied to both, the
+    non-canonical one is flagged for review; every member waiting for review is listed."""
+    settings = settings_or_exit()
+    result, flagged = asyncio.run(_renormalize(settings, batch))
+    typer.echo(
+        f"checked {result.checked} member(s): re-normalised {result.rewritten}, "
+        f"copied {result.opt_outs_copied} opt-out(s), flagged {len(result.flagged)}"
+    )
+    if flagged:
+        typer.echo(f"{len(flagged)} member(s) to review (church, member, reason, duplicate of):")
+    for item in flagged:
+        twin = str(item.duplicate_of) if item.duplicate_of else "-"
+        typer.echo(f"  {item.church_id} {item.member_id} {item.reason} {twin}")

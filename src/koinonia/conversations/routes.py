@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
@@ -21,13 +22,12 @@ from koinonia.conversations.schemas import (
     StartConversation,
 )
 from koinonia.conversations.tables import Conversation, ConversationMessage
-from koinonia.errors import ConflictError, FieldError, ValidationError, problem_responses
+from koinonia.errors import ConflictError, problem_responses
 from koinonia.http.deps import DbSession
 from koinonia.http.pagination import (
     Page,
     PageParams,
-    cursor_datetime,
-    cursor_uuid,
+    cursor_key,
     make_page,
     page_params,
 )
@@ -129,7 +129,7 @@ async def list_conversations(
     unread: bool | None = None,
 ) -> Page[ConversationOut]:
     """The inbox, newest activity first: one query (conversation + member)."""
-    before = (cursor_datetime(page, 0), cursor_uuid(page, 1)) if page.cursor else None
+    before = cursor_key(page, datetime, uuid.UUID) if page.cursor else None
     rows = await _inbox(
         session,
         principal.church_id,
@@ -156,7 +156,10 @@ async def _one(
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses=problem_responses(401, 402, 404, 409, 422, 429),
+    responses={
+        200: {"model": ConversationOut, "description": "The member's existing conversation"},
+        **problem_responses(401, 402, 404, 409, 422, 429),
+    },
 )
 async def start_conversation(
     body: StartConversation,
@@ -227,10 +230,7 @@ async def list_conversation_messages(
         ConversationMessage.created_at >= conversation.created_at,
     )
     if page.cursor:
-        at = cursor_datetime(page, 0)
-        last = page.cursor[1] if len(page.cursor) > 1 else None
-        if not isinstance(last, int):
-            raise ValidationError("The cursor is not valid", errors=[FieldError("cursor", "bad")])
+        at, last = cursor_key(page, datetime, int)
         query = query.where(
             (ConversationMessage.created_at < at)
             | ((ConversationMessage.created_at == at) & (ConversationMessage.id < last))

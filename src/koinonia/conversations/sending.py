@@ -17,6 +17,7 @@ from koinonia.conversations.tables import ConversationMessage
 from koinonia.db import Database
 from koinonia.deadletters import service as dead_letters
 from koinonia.jobs import defer
+from koinonia.members import consent
 from koinonia.members.tables import Member
 from koinonia.messaging import refs, suppressions
 from koinonia.messaging.billing import note_excess
@@ -65,16 +66,16 @@ async def run_reply(
     if sender is None:
         return "no_number"
     # Compliance confirmations (`auto`) go even to a phone that just texted STOP.
-    if message.kind == "reply" and (person.opted_out or stopped):
-        await _finish(
-            database, message, Result(message_id, "failed", error_code="member_opted_out")
-        )
+    # An erased member (members/rights.py) has no phone left: nothing can go to them.
+    if not phone or (message.kind == "reply" and (person.opted_out or stopped)):
+        code = "member_opted_out" if phone else "member_erased"
+        await _finish(database, message, Result(message_id, "failed", error_code=code))
         return "opted_out"
     breaker = await context.breaker.allow()
     if breaker.state == "open":
         await defer_again(job_app, message_id, created_at, breaker.retry_after)
         return "circuit_open"
-    granted, wait = await context.throughput.take(sender, 1, bulk=False)
+    granted, wait = await context.throughput.take(sender, 1, bulk=False, segments=message.segments)
     if not granted:
         await defer_again(job_app, message_id, created_at, wait)
         return "rate_limited"
@@ -142,14 +143,8 @@ async def _finish(
                 "created": message.created_at,
             },
         )
-        if result.opted_out and member_id is not None:
-            await session.execute(
-                text(
-                    "UPDATE members SET opted_out = true, opted_out_at = now(), "
-                    "opted_out_source = 'provider' WHERE id = :id AND NOT opted_out"
-                ),
-                {"id": member_id},
-            )
+        if isinstance(member_id, uuid.UUID) and result.opted_out:
+            await consent.opt_out_members(session, [member_id], source="provider")
         if message.kind == "reply":
             await _settle_bill(session, message, result)
         if result.exhausted:

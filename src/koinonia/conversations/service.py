@@ -18,6 +18,7 @@ from koinonia.billing import ledger
 from koinonia.conversations.tables import Conversation, ConversationMessage
 from koinonia.errors import ConflictError, FieldError, ValidationError
 from koinonia.jobs import defer_in_transaction
+from koinonia.members import consent
 from koinonia.members.crypto import ContactCipher
 from koinonia.members.tables import Member
 from koinonia.messaging import segments as sms
@@ -204,6 +205,8 @@ async def handle_inbound(
             .with_for_update()
         )
         assert member is not None
+    if member.erased_at is not None:  # an erased member texted again: answers reach them
+        member.phone_ct, member.erased_at = cipher.encrypt(inbound.sender, church.id), None
     duplicate = await session.scalar(
         select(ConversationMessage.id).where(
             ConversationMessage.provider_message_id == inbound.provider_id,
@@ -235,6 +238,7 @@ async def handle_inbound(
             return "opt_out_repeated"  # confirmed once already: send nothing more
         member.opted_out, member.opted_out_at, member.opted_out_source = True, now, "keyword"
         member.updated_at = now
+        consent.record(session, member, source="keyword")
         await queue_outbound(
             session, job_app, church, member, opt_out_confirmation(church), kind="auto"
         )
@@ -244,6 +248,7 @@ async def handle_inbound(
             return "message"
         member.opted_out, member.opted_out_at, member.opted_out_source = False, None, None
         member.updated_at = now
+        consent.record(session, member, source="keyword", at=now)
         await queue_outbound(
             session, job_app, church, member, opt_in_confirmation(church), kind="auto"
         )

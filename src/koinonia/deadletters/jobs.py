@@ -7,6 +7,7 @@ from procrastinate import Blueprint
 
 from koinonia.deadletters import service
 from koinonia.jobs import JOB_RETRY, resources
+from koinonia.retention import record_run
 
 blueprint = Blueprint()
 MAINTENANCE_QUEUE = "maintenance"
@@ -21,10 +22,12 @@ log = structlog.get_logger(__name__)
     retry=JOB_RETRY,
 )
 async def cleanup_dead_letters(timestamp: int) -> int:
-    """Delete dead letters older than `DLQ_RETENTION_DAYS` (daily)."""
+    """Delete dead letters replayed more than `DLQ_RETENTION_DAYS` ago (daily); the others
+    wait for an operator."""
     job = resources()
     async with job.database.unit_of_work() as session:
         deleted = await service.cleanup(session, job.settings.dlq_retention_days)
+    record_run("dead_letters", deleted)
     log.info("dlq_cleanup_done", deleted=deleted)
     return deleted
 

@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -25,13 +25,11 @@ from koinonia.deadletters.schemas import (
 from koinonia.deadletters.tables import DeadLetter
 from koinonia.errors import (
     ExternalServiceError,
-    FieldError,
     NotFoundError,
-    ValidationError,
     problem_responses,
 )
 from koinonia.http.deps import DbSession
-from koinonia.http.pagination import Page, PageParams, make_page, page_params
+from koinonia.http.pagination import Page, PageParams, cursor_key, make_page, page_params
 
 router = APIRouter(prefix="/api/v1/admin/dlq", tags=["operations"])
 Pages = Annotated[PageParams, Depends(page_params)]
@@ -42,13 +40,13 @@ def _replay_context(request: Request) -> ReplayContext:
     return ReplayContext(request.app.state.job_app, request.app.state.settings)
 
 
+# A dead letter's id is a bigint: anything outside it is a 422, not a database error.
+EntryId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+
+
 def _cursor_id(page: PageParams) -> int:
-    value = (page.cursor or [None])[0]
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise ValidationError(
-        "The cursor is not valid", errors=[FieldError("cursor", "not a cursor from this API")]
-    )
+    (value,) = cursor_key(page, int)
+    return int(value)
 
 
 async def _get(session: AsyncSession, entry_id: int, *, lock: bool = False) -> DeadLetter:
@@ -97,7 +95,7 @@ async def list_dead_letters(
 
 
 @router.get("/{entry_id}", summary="One dead letter", responses=ERRORS)
-async def get_dead_letter(entry_id: int, _: Operator, session: DbSession) -> DeadLetterOut:
+async def get_dead_letter(entry_id: EntryId, _: Operator, session: DbSession) -> DeadLetterOut:
     return DeadLetterOut.model_validate(await _get(session, entry_id))
 
 
@@ -158,7 +156,7 @@ async def replay_many(
     responses=problem_responses(401, 403, 404, 409, 502),
 )
 async def replay_one(
-    entry_id: int, principal: Operator, session: DbSession, request: Request
+    entry_id: EntryId, principal: Operator, session: DbSession, request: Request
 ) -> DeadLetterOut:
     entry = await _get(session, entry_id, lock=True)
     service.check_replayable(entry)
@@ -178,7 +176,9 @@ async def replay_one(
     summary="Delete one dead letter",
     responses=ERRORS,
 )
-async def delete_dead_letter(entry_id: int, principal: Operator, session: DbSession) -> Response:
+async def delete_dead_letter(
+    entry_id: EntryId, principal: Operator, session: DbSession
+) -> Response:
     entry = await _get(session, entry_id, lock=True)
     audit.record(
         session,

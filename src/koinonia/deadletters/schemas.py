@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import Field, model_validator
 
@@ -32,7 +32,9 @@ class DeadLetterOut(ResponseModel):
 class ReplayRequest(RequestModel):
     """Either `ids`, or a `kind` (optionally with `church_id`) selecting pending entries."""
 
-    ids: list[int] | None = Field(None, min_length=1, max_length=MAX_REPLAY_BATCH)
+    ids: list[Annotated[int, Field(ge=1, le=2**63 - 1)]] | None = Field(
+        None, min_length=1, max_length=MAX_REPLAY_BATCH
+    )
     kind: str | None = Field(None, min_length=1, max_length=60, examples=["sms.send"])
     church_id: uuid.UUID | None = None
 

@@ -139,11 +139,19 @@ async def replay_isolated(
 
 
 async def cleanup(session: AsyncSession, retention_days: int) -> int:
-    """Delete dead letters created more than `retention_days` ago; how many went."""
+    """Delete dead letters that were replayed more than `retention_days` ago (and created
+    before that); how many went. Entries never replayed (`pending`), being replayed or
+    whose replay failed stay until an operator replays or deletes them."""
     cutoff = datetime.now(UTC) - timedelta(days=retention_days)
     result = cast(
         "CursorResult[Any]",
-        await session.execute(delete(DeadLetter).where(DeadLetter.created_at < cutoff)),
+        await session.execute(
+            delete(DeadLetter).where(
+                DeadLetter.replay_state == REPLAYED,
+                DeadLetter.created_at < cutoff,
+                func.coalesce(DeadLetter.replayed_at, DeadLetter.created_at) < cutoff,
+            )
+        ),
     )
     deleted = int(result.rowcount or 0)
     if deleted:

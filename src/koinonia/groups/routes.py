@@ -16,7 +16,7 @@ from koinonia.groups import service
 from koinonia.groups.schemas import GroupCreate, GroupOut, GroupUpdate, MemberIds, MembershipChange
 from koinonia.groups.tables import Group
 from koinonia.http.deps import AppCache, DbSession, get_database, invalidate_on_commit
-from koinonia.http.pagination import Page, PageParams, cursor_uuid, make_page, page_params
+from koinonia.http.pagination import Page, PageParams, cursor_key, make_page, page_params
 from koinonia.retry import in_transaction
 from koinonia.tenancy import get_owned
 
@@ -42,7 +42,7 @@ async def list_groups(
 ) -> Page[GroupOut]:
     query = select(Group).where(Group.church_id == principal.church_id)
     if page.cursor:
-        query = query.where(Group.id > cursor_uuid(page))
+        query = query.where(Group.id > cursor_key(page, uuid.UUID)[0])
     rows = (await session.scalars(query.order_by(Group.id).limit(page.limit + 1))).all()
     counts = await service.member_counts(session, cache, principal.church_id)
     return make_page(

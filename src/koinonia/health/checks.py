@@ -24,6 +24,10 @@ class Degraded(Exception):  # noqa: N818 - a state, not an error
     """Raised by a check whose dependency answers but works in a reduced mode."""
 
 
+class Down(Exception):  # noqa: N818 - a state, not an error
+    """Raised by a check that knows its dependency is down and why (the detail)."""
+
+
 @dataclass(frozen=True, slots=True)
 class HealthCheck:
     name: str
@@ -48,6 +52,8 @@ async def run_check(check: HealthCheck, limit_s: float) -> CheckResult:
         await asyncio.wait_for(check.probe(), limit_s)
     except Degraded as reason:
         status, detail = "degraded", str(reason) or None
+    except Down as reason:
+        status, detail = "down", str(reason) or None
     except TimeoutError:
         status, detail = "down", f"no answer within {limit_s:g}s"
     except Exception as error:  # a health check reports any failure, it never raises
@@ -69,6 +75,70 @@ def overall(results: Sequence[CheckResult]) -> Status:
     if any(r.status != "ok" for r in results):
         return "degraded"
     return "ok"
+
+
+class BackgroundCheck:
+    """A provider checked in the background, so that probes never call it.
+
+    `start()` runs the check once (bounded by the health timeout) and then every
+    `interval` seconds in a task of this process; `served()` is the check the health
+    routes run: it answers the last result at once, plus `live` — a cheap local probe
+    (the circuit breaker's state in Redis), run on every request. Any number of probes
+    cost at most one provider call per interval per process."""
+
+    def __init__(
+        self,
+        check: HealthCheck,
+        interval: float,
+        timeout: float,
+        live: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.check = check
+        self.interval = interval
+        self.timeout = timeout
+        self.live = live
+        self.last: CheckResult | None = None
+        self.checked_at: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def refresh(self) -> CheckResult:
+        self.last = await run_check(self.check, self.timeout)
+        self.checked_at = time.monotonic()
+        return self.last
+
+    async def _forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.refresh()
+            except Exception as error:  # run_check never raises; keep the loop alive anyway
+                log.warning(
+                    "background_check_failed", dependency=self.check.name, error=repr(error)
+                )
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._forever(), name=f"health-{self.check.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def served(self) -> HealthCheck:
+        async def probe() -> None:
+            last = self.last
+            if last is None:
+                raise Degraded("not checked yet")
+            if last.status == "down":
+                raise Down(last.detail or "down")
+            if self.live is not None:
+                await self.live()
+            if last.status == "degraded":
+                raise Degraded(last.detail or "degraded")
+
+        return HealthCheck(self.check.name, probe, self.check.critical)
 
 
 def database_check(database: Database) -> HealthCheck:

@@ -7,7 +7,9 @@ import time
 from typing import Any
 
 import structlog
+from prometheus_client import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from koinonia.errors import (
@@ -146,16 +148,33 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
+NO_STORE = (b"cache-control", b"no-store")
+
+
 class SecurityHeadersMiddleware:
-    def __init__(self, app: ASGIApp, docs_prefix: str = "/api/docs") -> None:
+    """Security headers on every answer, and `Cache-Control: no-store` on every answer to
+    an authenticated request (it carries `Authorization`, whatever the status) and under
+    `no_store_prefixes` (token answers of login, registration and refresh), so no shared or
+    browser cache keeps personal data or tokens."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        docs_prefix: str = "/api/docs",
+        no_store_prefixes: tuple[str, ...] = ("/api/v1/auth/",),
+    ) -> None:
         self.app = app
         self.docs_prefix = docs_prefix
+        self.no_store_prefixes = no_store_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         csp = DOCS_CSP if scope["path"].startswith(self.docs_prefix) else API_CSP
+        no_store = scope["path"].startswith(self.no_store_prefixes) or any(
+            name == b"authorization" for name, _ in scope["headers"]
+        )
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -164,6 +183,10 @@ class SecurityHeadersMiddleware:
                 headers.extend(h for h in SECURITY_HEADERS if h[0] not in present)
                 if b"content-security-policy" not in present:
                     headers.append((b"content-security-policy", csp))
+                if no_store:
+                    # Replaces any weaker policy a handler set.
+                    headers = [h for h in headers if h[0] != b"cache-control"]
+                    headers.append(NO_STORE)
                 message["headers"] = headers
             await send(message)
 
@@ -237,3 +260,68 @@ class ObservabilityMiddleware:
             return str(scope["path"])
         # Unmatched paths share one label so random URLs cannot explode metric cardinality.
         return "<unmatched>"
+
+
+GZIP_INPUT_BYTES = Counter(
+    "koinonia_http_gzip_input_bytes_total",
+    "Bytes of gzip-encoded responses before compression",
+)
+GZIP_OUTPUT_BYTES = Counter(
+    "koinonia_http_gzip_output_bytes_total",
+    "Bytes of gzip-encoded responses as sent (after compression)",
+)
+GZIP_RATIO = Histogram(
+    "koinonia_http_gzip_compression_ratio",
+    "Uncompressed / compressed size of each gzip-encoded response",
+    buckets=(1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0),
+)
+_RAW_BYTES = "koinonia.gzip_raw_bytes"  # scope extension: bytes the app wrote
+
+
+class MeteredGZipMiddleware:
+    """Starlette's `GZipMiddleware`, counting what it saved.
+
+    The app's bytes are counted inside the compressor and the sent bytes outside it; a
+    response that went out gzip-encoded adds to `koinonia_http_gzip_input_bytes_total` /
+    `..._output_bytes_total` (their rates' quotient is the overall ratio) and observes its
+    own ratio in `koinonia_http_gzip_compression_ratio`.
+    """
+
+    def __init__(self, app: ASGIApp, *, minimum_size: int, compresslevel: int) -> None:
+        self.app = app
+        self.gzip = GZipMiddleware(
+            self._count_raw, minimum_size=minimum_size, compresslevel=compresslevel
+        )
+
+    async def _count_raw(self, scope: Scope, receive: Receive, send: Send) -> None:
+        counter: list[int] = scope[_RAW_BYTES]
+
+        async def counting(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                counter[0] += len(message.get("body", b""))
+            await send(message)
+
+        await self.app(scope, receive, counting)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        raw = [0]
+        scope[_RAW_BYTES] = raw  # the same scope object: outer middleware read its updates
+        sent = 0
+        gzipped = False
+
+        async def counting(message: Message) -> None:
+            nonlocal sent, gzipped
+            if message["type"] == "http.response.start":
+                gzipped = (b"content-encoding", b"gzip") in message.get("headers", [])
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        await self.gzip(scope, receive, counting)
+        if gzipped and sent and raw[0]:
+            GZIP_INPUT_BYTES.inc(raw[0])
+            GZIP_OUTPUT_BYTES.inc(sent)
+            GZIP_RATIO.observe(raw[0] / sent)

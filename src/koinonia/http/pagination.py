@@ -39,39 +39,74 @@ def encode_cursor(key: list[Any]) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+class InvalidCursorError(ValidationError):
+    code = "invalid_cursor"
+    title = "The cursor is not valid"
+
+
+def _bad_cursor() -> InvalidCursorError:
+    return InvalidCursorError(
+        "The cursor is not valid", errors=[FieldError("cursor", "not a cursor from this API")]
+    )
+
+
 def decode_cursor(cursor: str) -> list[Any]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         value = json.loads(base64.urlsafe_b64decode(padded.encode()))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
         value = None
-    if not isinstance(value, list):
-        raise ValidationError(
-            "The cursor is not valid", errors=[FieldError("cursor", "not a cursor from this API")]
-        )
+    if not isinstance(value, list) or not value:
+        raise _bad_cursor()
     return value
 
 
-def _bad_cursor() -> ValidationError:
-    return ValidationError(
-        "The cursor is not valid", errors=[FieldError("cursor", "not a cursor from this API")]
-    )
+_BIGINT = 2**63
+
+
+def _element(value: Any, kind: type) -> Any:
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int) or not -_BIGINT <= value < _BIGINT:
+            raise ValueError
+        return value
+    if not isinstance(value, str):
+        raise ValueError
+    if kind is uuid.UUID:
+        return uuid.UUID(value)
+    if kind is datetime:
+        at = datetime.fromisoformat(value)
+        return at if at.tzinfo else at.replace(tzinfo=UTC)
+    raise TypeError(f"no cursor element of type {kind!r}")
+
+
+def cursor_key(page: PageParams, *kinds: type) -> tuple[Any, ...]:
+    """The cursor as exactly `len(kinds)` elements of those types (`int` is a bigint, never
+    a boolean): a tampered cursor (wrong arity, wrong types, out of range) is a 422
+    `invalid_cursor`, never a 500."""
+    values = page.cursor or []
+    if len(values) != len(kinds):
+        raise _bad_cursor()
+    try:
+        return tuple(_element(v, k) for v, k in zip(values, kinds, strict=True))
+    except ValueError:
+        raise _bad_cursor() from None
 
 
 def cursor_uuid(page: PageParams, index: int = 0) -> uuid.UUID:
     """Element `index` of the cursor as a UUID (a tampered cursor is a 422, not a 500)."""
     try:
-        return uuid.UUID(str((page.cursor or [])[index]))
+        value: uuid.UUID = _element((page.cursor or [])[index], uuid.UUID)
     except (ValueError, IndexError):
         raise _bad_cursor() from None
+    return value
 
 
 def cursor_datetime(page: PageParams, index: int = 0) -> datetime:
     try:
-        value = datetime.fromisoformat(str((page.cursor or [])[index]))
+        value: datetime = _element((page.cursor or [])[index], datetime)
     except (ValueError, IndexError):
         raise _bad_cursor() from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return value
 
 
 def page_params(

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from koinonia.jobs import raw_connection
 from koinonia.members.crypto import ContactCipher
 from koinonia.members.phones import InvalidPhoneError, to_e164
+from koinonia.text import unsafe_character
 
 FIELDS = ("first_name", "last_name", "phone", "email", "name")
 HEADER_ALIASES: dict[str, tuple[str, ...]] = {
@@ -137,8 +138,21 @@ class RowTransformer:
         index = self.mapping.get(field_name)
         return row[index].strip() if index is not None and index < len(row) else ""
 
+    def _unsafe(self, row_number: int, row: list[str]) -> bool:
+        """Report each used cell PostgreSQL or SMS cannot carry (NUL, C0 controls)."""
+        bad = False
+        for field_name, index in self.mapping.items():
+            reason = unsafe_character(row[index]) if index < len(row) else None
+            if reason is not None:
+                self.result.error(row_number, field_name, reason)
+                bad = True
+        return bad
+
     def __call__(self, row_number: int, row: list[str]) -> tuple[Any, ...] | None:
         church_id = self.options.church_id
+        if self._unsafe(row_number, row):
+            self.result.skipped += 1
+            return None
         first, last = self._cell(row, "first_name"), self._cell(row, "last_name")
         if not first and not last and "name" in self.mapping:
             first, _, last = self._cell(row, "name").partition(" ")
@@ -202,6 +216,7 @@ WITH merged AS (
         email_ct = COALESCE(EXCLUDED.email_ct, m.email_ct),
         email_hash = COALESCE(EXCLUDED.email_hash, m.email_hash),
         deleted_at = NULL,
+        erased_at = NULL,
         updated_at = now()
     RETURNING m.id, (m.xmax = 0) AS inserted
 ){{group_cte}}

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile, status
 from sqlalchemy import select
 
-from koinonia.accounts.deps import CurrentPrincipal
+from koinonia.accounts.deps import CurrentPrincipal, Manager, Owner
 from koinonia.cache import church_tag
 from koinonia.errors import FieldError, ValidationError, problem_responses
 from koinonia.groups.tables import Group
@@ -17,18 +18,26 @@ from koinonia.http.deps import AppSettings, DbSession, invalidate_on_commit
 from koinonia.http.pagination import (
     Page,
     PageParams,
-    cursor_datetime,
-    cursor_uuid,
+    cursor_key,
     make_page,
     page_params,
 )
 from koinonia.jobs import defer_in_transaction
-from koinonia.members import service
+from koinonia.members import rights, service
 from koinonia.members.crypto import ContactCipher
 from koinonia.members.imports import import_inline
-from koinonia.members.schemas import ImportOut, MemberCreate, MemberOut, MemberUpdate
+from koinonia.members.schemas import (
+    ConsentEventOut,
+    ErasureOut,
+    ImportOut,
+    MemberCreate,
+    MemberExport,
+    MemberOut,
+    MemberUpdate,
+)
 from koinonia.members.tables import Member, MemberImport, MemberImportFile
 from koinonia.tenancy import get_owned
+from koinonia.text import unsafe_character
 
 router = APIRouter(prefix="/api/v1/members", tags=["members"])
 routers = [router]
@@ -72,7 +81,7 @@ async def list_members(
     if opted_out is not None:
         query = query.where(Member.opted_out.is_(opted_out))
     if page.cursor:
-        created, last_id = cursor_datetime(page, 0), cursor_uuid(page, 1)
+        created, last_id = cursor_key(page, datetime, uuid.UUID)
         query = query.where(
             (Member.created_at < created) | ((Member.created_at == created) & (Member.id < last_id))
         )
@@ -92,7 +101,9 @@ async def create_member(
     body: MemberCreate, principal: CurrentPrincipal, session: DbSession, cipher: Cipher
 ) -> MemberOut:
     """Add a member. A phone already in the church answers `409`."""
-    member = await service.create_member(session, cipher, principal.church_id, body)
+    member = await service.create_member(
+        session, cipher, principal.church_id, body, principal.actor_id
+    )
     invalidate_on_commit(session, church_tag(principal.church_id, "groups"))
     return service.to_out(member, cipher)
 
@@ -190,6 +201,11 @@ def _column_map(raw: str | None) -> dict[str, str]:
             "column_map is not valid",
             errors=[FieldError("column_map", 'a JSON object such as {"phone": "Cell"}')],
         )
+    for text_value in (*value.keys(), *value.values()):
+        if reason := unsafe_character(text_value):
+            raise ValidationError(
+                "column_map is not valid", errors=[FieldError("column_map", reason)]
+            )
     return value
 
 
@@ -208,7 +224,9 @@ async def update_member(
     session: DbSession,
     cipher: Cipher,
 ) -> MemberOut:
-    member = await service.update_member(session, cipher, principal.church_id, member_id, body)
+    member = await service.update_member(
+        session, cipher, principal.church_id, member_id, body, principal.actor_id
+    )
     return service.to_out(member, cipher)
 
 
@@ -219,3 +237,41 @@ async def delete_member(
     """Soft delete: the member disappears from lists, groups and audiences."""
     await service.delete_member(session, principal.church_id, member_id)
     invalidate_on_commit(session, church_tag(principal.church_id, "groups"))
+
+
+@router.get("/{member_id}/consent", responses=ERRORS)
+async def member_consent(
+    member_id: uuid.UUID, principal: CurrentPrincipal, session: DbSession
+) -> list[ConsentEventOut]:
+    """The member's consent history, newest first: every opt-out and opt-in with its time
+    and source (deleted members too; an erased one is `404`)."""
+    return await rights.member_consent(session, principal.church_id, member_id)
+
+
+@router.get("/{member_id}/export", responses=problem_responses(401, 403, 404, 422, 429))
+async def export_member(
+    member_id: uuid.UUID, principal: Manager, session: DbSession, cipher: Cipher
+) -> MemberExport:
+    """Everything held on the member, as one JSON document (owner or admin; audited):
+    profile with phone and email, groups, consent history, every broadcast addressed to
+    them (rendered for them) and their conversation. Soft-deleted members can be exported;
+    an erased one is `404`."""
+    return await rights.export_member(session, cipher, principal, member_id)
+
+
+@router.post("/{member_id}/erase", responses=problem_responses(401, 403, 404, 422, 429))
+async def erase_member(
+    member_id: uuid.UUID,
+    principal: Owner,
+    session: DbSession,
+    cipher: Cipher,
+    settings: AppSettings,
+) -> ErasureOut:
+    """Erase the member's personal data everywhere (owner only; audited; cannot be
+    undone): names, phone, email, conversation texts, Telnyx events naming them, group
+    memberships. Counts on broadcasts and billing stay. A member who had opted out stays
+    suppressed: a keyed hash of the phone is kept with the opt-out time, so adding or
+    importing that phone again brings it back opted out. See docs/members.md."""
+    result = await rights.erase_member(session, cipher, settings, principal, member_id)
+    invalidate_on_commit(session, church_tag(principal.church_id, "groups"))
+    return result

@@ -70,3 +70,89 @@ class ImportOut(ResponseModel):
     created_at: Timestamp
     started_at: Timestamp | None
     finished_at: Timestamp | None
+
+
+class ConsentEventOut(ResponseModel):
+    """One change of the member's consent to be texted."""
+
+    id: int
+    at: Timestamp
+    opted_out: bool = Field(description="The state after the change")
+    source: Literal["keyword", "api", "import", "provider", "renormalize", "erase"] = Field(
+        description="keyword: the member texted STOP/START; api: staff or an API key "
+        "(`actor_id`); provider: the carrier refused a send (40300); renormalize: copied "
+        "from a twin phone; erase: the opt-out an erased member keeps"
+    )
+    actor_id: uuid.UUID | None
+
+
+class ExportGroup(ResponseModel):
+    id: uuid.UUID
+    name: str
+    added_at: Timestamp
+
+
+class ExportMember(MemberOut):
+    deleted_at: Timestamp | None
+    review_reason: str | None
+
+
+class ExportBroadcastText(ResponseModel):
+    """One broadcast addressed to the member (a recipient row)."""
+
+    message_id: uuid.UUID
+    recipient_id: int
+    created_at: Timestamp
+    status: str
+    skip_reason: str | None
+    sent_at: Timestamp | None
+    segments: int
+    provider_message_id: str | None
+    template: str = Field(description="The broadcast's body as written, with merge fields")
+    body: str = Field(description="The body rendered for this member (their current names)")
+
+
+class ExportConversationText(ResponseModel):
+    id: int
+    created_at: Timestamp
+    direction: Literal["inbound", "outbound"]
+    kind: str
+    status: str
+    body: str
+    segments: int
+    provider_message_id: str | None
+
+
+class ExportConversation(ResponseModel):
+    id: uuid.UUID
+    status: str
+    created_at: Timestamp
+    texts: list[ExportConversationText] = Field(description="Oldest first")
+
+
+class MemberExport(ResponseModel):
+    """Everything held on one member (`GET /members/{id}/export`)."""
+
+    exported_at: Timestamp
+    church_id: uuid.UUID
+    member: ExportMember
+    groups: list[ExportGroup]
+    consent_history: list[ConsentEventOut] = Field(description="Oldest first")
+    broadcasts: list[ExportBroadcastText] = Field(description="Oldest first")
+    conversation: ExportConversation | None
+
+
+class ErasureOut(ResponseModel):
+    """What `POST /members/{id}/erase` removed (counts only: nothing personal is left)."""
+
+    member_id: uuid.UUID
+    erased_at: Timestamp
+    suppression_kept: bool = Field(
+        description="The member had opted out: a keyed hash of the phone is kept with the "
+        "opt-out time, so the phone stays suppressed (a later import or creation comes in "
+        "opted out)"
+    )
+    group_memberships: int
+    conversation_texts: int
+    broadcast_recipients: int
+    provider_events: int

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from koinonia.accounts.tables import Church
 from koinonia.errors import ConflictError, FieldError, NotFoundError, ValidationError
 from koinonia.groups.tables import Group, GroupMember
+from koinonia.members import consent
 from koinonia.members.crypto import ContactCipher
 from koinonia.members.phones import InvalidPhoneError, to_e164
 from koinonia.members.schemas import MemberCreate, MemberOut, MemberUpdate
@@ -60,12 +61,14 @@ async def get_member(session: AsyncSession, church_id: uuid.UUID, member_id: uui
     return member
 
 
-def _set_opt_out(member: Member, opted_out: bool, source: str) -> None:
+def _set_opt_out(member: Member, opted_out: bool, source: str) -> bool:
+    """Answers whether the state changed (the caller records it in the consent history)."""
     if opted_out == member.opted_out:
-        return
+        return False
     member.opted_out = opted_out
     member.opted_out_at = datetime.now(UTC) if opted_out else None
     member.opted_out_source = source if opted_out else None
+    return True
 
 
 async def _check_groups(
@@ -87,7 +90,11 @@ async def _check_groups(
 
 
 async def create_member(
-    session: AsyncSession, cipher: ContactCipher, church_id: uuid.UUID, body: MemberCreate
+    session: AsyncSession,
+    cipher: ContactCipher,
+    church_id: uuid.UUID,
+    body: MemberCreate,
+    actor_id: uuid.UUID | None = None,
 ) -> Member:
     phone = normalise_phone(body.phone, await church_region(session, church_id))
     await _check_groups(session, church_id, body.group_ids)
@@ -102,8 +109,9 @@ async def create_member(
     if member is None:
         member = Member(church_id=church_id, phone_hash=phone_hash)
         session.add(member)
-    else:  # a deleted member comes back, keeping their opt-out (consent outlives deletion)
-        member.deleted_at = None
+    else:  # a deleted member comes back, keeping their opt-out (consent outlives deletion;
+        # an erased one that had opted out is found by its blind index, still opted out)
+        member.deleted_at = member.erased_at = None
         member.is_unknown = False
     member.first_name = body.first_name
     member.last_name = body.last_name
@@ -111,9 +119,10 @@ async def create_member(
     member.email_ct = cipher.encrypt(str(body.email).lower(), church_id) if body.email else None
     member.email_hash = cipher.email_hash(str(body.email), church_id) if body.email else None
     member.updated_at = datetime.now(UTC)
-    if body.opted_out:
-        _set_opt_out(member, True, "api")
+    changed = body.opted_out and _set_opt_out(member, True, "api")
     await session.flush()
+    if changed:
+        consent.record(session, member, source="api", actor_id=actor_id)
     for group_id in dict.fromkeys(body.group_ids):
         session.add(GroupMember(group_id=group_id, member_id=member.id))
     await session.flush()
@@ -127,6 +136,7 @@ async def update_member(
     church_id: uuid.UUID,
     member_id: uuid.UUID,
     body: MemberUpdate,
+    actor_id: uuid.UUID | None = None,
 ) -> Member:
     member = await get_member(session, church_id, member_id)
     changes = body.model_dump(exclude_unset=True)
@@ -142,8 +152,8 @@ async def update_member(
     if "email" in changes:
         member.email_ct = cipher.encrypt(str(body.email).lower(), church_id) if body.email else None
         member.email_hash = cipher.email_hash(str(body.email), church_id) if body.email else None
-    if body.opted_out is not None:
-        _set_opt_out(member, body.opted_out, "api")
+    if body.opted_out is not None and _set_opt_out(member, body.opted_out, "api"):
+        consent.record(session, member, source="api", actor_id=actor_id)
     member.updated_at = datetime.now(UTC)
     await session.flush()
     await session.refresh(member)

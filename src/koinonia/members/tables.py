@@ -12,6 +12,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     LargeBinary,
@@ -27,6 +28,10 @@ from sqlalchemy.orm import Mapped, mapped_column
 from koinonia.db import Base
 
 OPT_OUT_SOURCES = ("keyword", "api", "import", "provider")
+# What changed a member's consent (`member_consent_events.source`): the opt-out sources,
+# `renormalize` (an opt-out copied between phone twins) and `erase` (the state an erased
+# member keeps as a suppression).
+CONSENT_SOURCES = (*OPT_OUT_SOURCES, "renormalize", "erase")
 
 
 class Member(Base):
@@ -44,6 +49,7 @@ class Member(Base):
         # Pagination order; name search filters one church's rows (a trigram index would
         # cost imports ~40 % more for a search that touches a few thousand rows).
         Index("ix_members_church_created", "church_id", "created_at", "id"),
+        Index("ix_members_review", "church_id", postgresql_where=text("review_reason IS NOT NULL")),
         CheckConstraint(
             "opted_out_source IS NULL OR opted_out_source IN "
             "('keyword', 'api', 'import', 'provider')",
@@ -72,6 +78,37 @@ class Member(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set by `koinonia members renormalize-phones`: "duplicate_phone" when, once made
+    # E.164, the phone is another member's (`duplicate_of`); see docs/members.md.
+    review_reason: Mapped[str | None] = mapped_column(Text)
+    duplicate_of: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("members.id", ondelete="SET NULL")
+    )
+    # Set by `POST /members/{id}/erase` (members/rights.py): the row is a tombstone with no
+    # name, phone or email; an opted-out one keeps its blind index so the phone stays
+    # suppressed. A tombstone is also `deleted_at`.
+    erased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ConsentEvent(Base):
+    """One change of a member's consent to be texted: the consent history."""
+
+    __tablename__ = "member_consent_events"
+    __table_args__ = (
+        Index("ix_member_consent_events_member", "member_id", "at", "id"),
+        CheckConstraint(
+            "source IN ('keyword', 'api', 'import', 'provider', 'renormalize', 'erase')",
+            name="source",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    church_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("churches.id", ondelete="CASCADE"))
+    member_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("members.id", ondelete="CASCADE"))
+    opted_out: Mapped[bool] = mapped_column(Boolean)  # the state after the change
+    source: Mapped[str] = mapped_column(String(12))
+    actor_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))  # staff / API key
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class MemberImport(Base):

@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from procrastinate import App
-from procrastinate.exceptions import AlreadyEnqueued
 from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -42,9 +41,30 @@ WAKE_TASK = "messaging:wake_batch"
 START_TASK = "messaging:start_broadcast"
 
 
-def batch_queueing_lock(message_id: uuid.UUID | str, batch_no: int) -> str:
-    """At most one queued run of a batch at a time (continuations, wake-ups, the sweeper)."""
-    return f"batch:{message_id}:{batch_no}"
+# A batch's next run is looked up rather than guarded by a procrastinate queueing lock:
+# a job retried after a failure (or recovered from a dead worker) goes back to `todo`,
+# and a queueing lock already taken by its continuation would make that retry fail and
+# leave the job `doing` — holding its church's lock — for ever.
+PENDING_RUN_SQL = """
+SELECT EXISTS (
+  SELECT 1 FROM procrastinate_jobs
+  WHERE status = 'todo' AND task_name = ANY(:tasks)
+    AND args->>'message_id' = :message_id AND (args->>'batch_no')::int = :batch_no)
+"""
+
+
+async def batch_run_pending(session: AsyncSession, message_id: uuid.UUID, batch_no: int) -> bool:
+    """Whether a run (or a wake-up) of this batch is queued already."""
+    return bool(
+        await session.scalar(
+            text(PENDING_RUN_SQL),
+            {
+                "tasks": [BATCH_TASK, WAKE_TASK],
+                "message_id": str(message_id),
+                "batch_no": batch_no,
+            },
+        )
+    )
 
 
 class NumberNotReadyError(ConflictError):
@@ -233,13 +253,29 @@ async def estimate(
     )
 
 
+async def validated(
+    session: AsyncSession, church: Church, request: MessageRequest
+) -> tuple[str, Estimate]:
+    """Every check of a broadcast's audience and text, shared by preview and send (so a
+    preview never accepts what sending refuses): ids that exist, a text that is not
+    blank, merge fields that render, at most `MAX_SEGMENTS` segments. Returns the text
+    as written (merge fields and all) and its estimate."""
+    await _check_audience_ids(session, church.id, request)
+    body = await _body_of(session, church.id, request)
+    guess = await estimate(session, church, body, request)
+    if guess.segments > MAX_SEGMENTS:
+        raise ValidationError(
+            f"The text takes {guess.segments} segments; at most {MAX_SEGMENTS} are allowed",
+            errors=[FieldError("body", "too long")],
+        )
+    return body, guess
+
+
 async def preview(
     session: AsyncSession, church_id: uuid.UUID, request: MessageRequest
 ) -> PreviewOut:
     church = await session.get_one(Church, church_id)
-    await _check_audience_ids(session, church_id, request)
-    body = await _body_of(session, church_id, request)
-    guess = await estimate(session, church, body, request)
+    _, guess = await validated(session, church, request)
     counts: dict[bool, int] = dict(
         (
             await session.execute(
@@ -356,14 +392,7 @@ async def create(
             raise NumberNotReadyError(
                 "Your sending number is still being set up; try again in a few minutes"
             )
-        await _check_audience_ids(session, church_id, request)
-        body = await _body_of(session, church_id, request)
-        guess = await estimate(session, church, body, request)
-        if guess.segments > MAX_SEGMENTS:
-            raise ValidationError(
-                f"The text takes {guess.segments} segments; at most {MAX_SEGMENTS} are allowed",
-                errors=[FieldError("body", "too long")],
-            )
+        body, guess = await validated(session, church, request)
         starts_at = hold_until(church, request.scheduled_at, urgent=request.urgent, now=now)
         message = Message(
             church_id=church_id,
@@ -460,7 +489,6 @@ async def defer_start(
         START_TASK,
         queue=SEND_QUEUE,
         priority=0,
-        queueing_lock=f"start:{message.id}",
         schedule_at=starts_at,
         message_id=str(message.id),
     )
@@ -487,6 +515,44 @@ async def start_held(database: Database, job_app: App, message_id: uuid.UUID) ->
         return "started"
 
 
+async def follow_window_change(session: AsyncSession, church: Church) -> int:
+    """The church changed its sending window or time zone: held broadcasts move their
+    start to the new opening, and batches waiting for the old one wake now to look again
+    (they pause again at once if the window is still closed). Answers how many moved."""
+    now = datetime.now(UTC)
+    held = (
+        await session.scalars(
+            select(Message).where(
+                Message.church_id == church.id,
+                Message.status == "scheduled",
+                Message.urgent.is_(False),
+            )
+        )
+    ).all()
+    moved = 0
+    for message in held:
+        starts = hold_until(church, message.scheduled_at, urgent=False, now=now) or now
+        if starts == message.starts_at:
+            continue
+        message.starts_at = starts
+        await session.execute(
+            text(
+                "UPDATE procrastinate_jobs SET scheduled_at = :at WHERE status = 'todo' "
+                "AND task_name = :task AND args->>'message_id' = :id"
+            ),
+            {"at": starts, "task": START_TASK, "id": str(message.id)},
+        )
+        moved += 1
+    await session.execute(
+        text(
+            "UPDATE procrastinate_jobs SET scheduled_at = now() WHERE status = 'todo' "
+            "AND task_name = :task AND args->>'church_id' = :church AND scheduled_at > now()"
+        ),
+        {"task": WAKE_TASK, "church": str(church.id)},
+    )
+    return moved
+
+
 async def defer_batches(
     job_app: App, session: AsyncSession, message: Message, batches: int
 ) -> None:
@@ -508,7 +574,6 @@ async def defer_batches(
         ],
         queue=SEND_QUEUE,
         lock=f"sms:{message.church_id}",
-        queueing_lock_of=lambda args: batch_queueing_lock(args["message_id"], args["batch_no"]),
     )
 
 
@@ -527,22 +592,19 @@ async def defer_batch_of(
     church's batches on one worker slot at a time (they share one number's rate). Never
     future-dated: see `defer_start`.
     """
-    try:
-        async with session.begin_nested():
-            await defer_in_transaction(
-                job_app,
-                session,
-                BATCH_TASK,
-                queue=SEND_QUEUE,
-                priority=-batch_no,
-                lock=f"sms:{church_id}",
-                queueing_lock=batch_queueing_lock(message_id, batch_no),
-                message_id=str(message_id),
-                created_at=created_at.isoformat(),
-                batch_no=batch_no,
-            )
-    except AlreadyEnqueued:
-        pass
+    if await batch_run_pending(session, message_id, batch_no):
+        return
+    await defer_in_transaction(
+        job_app,
+        session,
+        BATCH_TASK,
+        queue=SEND_QUEUE,
+        priority=-batch_no,
+        lock=f"sms:{church_id}",
+        message_id=str(message_id),
+        created_at=created_at.isoformat(),
+        batch_no=batch_no,
+    )
 
 
 async def cancel(session: AsyncSession, church_id: uuid.UUID, message_id: uuid.UUID) -> Message:

@@ -38,8 +38,10 @@ async def start_broadcast(message_id: str) -> None:
 @blueprint.task(name="wake_batch", queue=SEND_QUEUE, retry=JOB_RETRY)
 async def wake_batch(message_id: str, created_at: str, batch_no: int, church_id: str) -> None:
     """Lock-free timer of a waiting batch: queue the batch (under its church's lock) now."""
+    job = resources()
     await continue_batch(
-        resources().job_app,
+        job.database,
+        job.job_app,
         uuid.UUID(message_id),
         datetime.fromisoformat(created_at),
         uuid.UUID(church_id),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
@@ -11,13 +12,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from koinonia.accounts.deps import CurrentPrincipal
 from koinonia.accounts.tables import Church
-from koinonia.errors import FieldError, ValidationError, problem_responses
+from koinonia.errors import problem_responses
 from koinonia.http.deps import AppSettings, DbSession, get_database
 from koinonia.http.pagination import (
     Page,
     PageParams,
-    cursor_datetime,
-    cursor_uuid,
+    cursor_key,
     make_page,
     page_params,
 )
@@ -98,7 +98,7 @@ async def list_messages(
     if status_filter:
         query = query.where(Message.status == status_filter)
     if page.cursor:
-        at, last = cursor_datetime(page, 0), cursor_uuid(page, 1)
+        at, last = cursor_key(page, datetime, uuid.UUID)
         query = query.where(
             (Message.created_at < at) | ((Message.created_at == at) & (Message.id < last))
         )
@@ -143,11 +143,7 @@ async def list_recipients(
     message = await get_owned(session, Message, message_id, principal.church_id, what="message")
     after = 0
     if page.cursor:
-        if not isinstance(page.cursor[0], int):
-            raise ValidationError(
-                "The cursor is not valid", errors=[FieldError("cursor", "not from this list")]
-            )
-        after = page.cursor[0]
+        (after,) = cursor_key(page, int)
     # `created_at` equal to the broadcast's: the plan touches one partition.
     rows = await session.execute(
         text(

@@ -24,20 +24,20 @@ from typing import Any
 
 import structlog
 from procrastinate import App
-from procrastinate.exceptions import AlreadyEnqueued
 from sqlalchemy import func, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from koinonia.accounts.tables import Church
 from koinonia.db import Database
-from koinonia.jobs import defer
+from koinonia.jobs import defer, draining
+from koinonia.members import consent
 from koinonia.messaging import pauses, refs, suppressions, window
 from koinonia.messaging.billing import note_excess
 from koinonia.messaging.broadcasts import (
     BATCH_TASK,
     SEND_QUEUE,
     WAKE_TASK,
-    batch_queueing_lock,
+    batch_run_pending,
     refund,
 )
 from koinonia.messaging.counters import apply_transitions
@@ -146,25 +146,27 @@ async def run_batch(
         closed_until = window_closed_until(church, message)
         if closed_until is not None:
             await _hold_for_window(database, message, closed_until)
-            return await _continue_later(job_app, message, batch_no, closed_until, report)
+            return await _continue_later(database, job_app, message, batch_no, closed_until, report)
         pause = await _pause_of(database, sender)
         probing = pause is not None
         if pause is not None and not pauses.probe_due(pause, datetime.now(UTC)):
             wait = pauses.wait_for_probe(pause, datetime.now(UTC))
-            return await _continue_later(job_app, message, batch_no, wait, report)
+            return await _continue_later(database, job_app, message, batch_no, wait, report)
         breaker = await context.breaker.allow()
         if breaker.state == "open":
-            return await _continue_later(job_app, message, batch_no, breaker.retry_after, report)
+            return await _continue_later(
+                database, job_app, message, batch_no, breaker.retry_after, report
+            )
         probing = probing or breaker.state == "half_open"
         wanted = 1 if probing else context.settings.send_concurrency
-        granted, wait = await context.throughput.take(sender, wanted)
+        granted, wait = await context.throughput.take(sender, wanted, segments=message.segments)
         if granted == 0:
-            return await _continue_later(job_app, message, batch_no, wait, report)
+            return await _continue_later(database, job_app, message, batch_no, wait, report)
         claimed = await _claim(database, message, batch_no, granted)
         if not claimed:
             later = await _next_retry_in(database, message, batch_no)
             if later is not None:
-                return await _continue_later(job_app, message, batch_no, later, report)
+                return await _continue_later(database, job_app, message, batch_no, later, report)
             return report
         results = await _send_chunk(context, database, church, message, claimed, sender, profile)
         if breaker.state == "half_open":
@@ -185,13 +187,13 @@ async def run_batch(
             until = max(r.next_attempt_at or datetime.now(UTC) for r in throttled)
             pace = max(0.5, (until - datetime.now(UTC)).total_seconds())
             await context.throughput.cool_down(pace)
-            return await _continue_later(job_app, message, batch_no, pace, report)
+            return await _continue_later(database, job_app, message, batch_no, pace, report)
         if refused is not None:
             return await _continue_later(
-                job_app, message, batch_no, pauses.FIRST_PROBE_SECONDS, report
+                database, job_app, message, batch_no, pauses.FIRST_PROBE_SECONDS, report
             )
-        if time.monotonic() > deadline:
-            return await _continue_later(job_app, message, batch_no, 0, report)
+        if time.monotonic() > deadline or draining():  # draining: the worker is stopping
+            return await _continue_later(database, job_app, message, batch_no, 0, report)
 
 
 def window_closed_until(church: Church, message: Message) -> float | None:
@@ -252,16 +254,22 @@ async def _next_retry_in(database: Database, message: Message, batch_no: int) ->
 
 
 async def _continue_later(
-    job_app: App, message: Message, batch_no: int, seconds: float, report: BatchReport
+    database: Database,
+    job_app: App,
+    message: Message,
+    batch_no: int,
+    seconds: float,
+    report: BatchReport,
 ) -> BatchReport:
     await continue_batch(
-        job_app, message.id, message.created_at, message.church_id, batch_no, seconds
+        database, job_app, message.id, message.created_at, message.church_id, batch_no, seconds
     )
     report.deferred_for = seconds
     return report
 
 
 async def continue_batch(
+    database: Database,
     job_app: App,
     message_id: uuid.UUID,
     created_at: datetime,
@@ -269,41 +277,43 @@ async def continue_batch(
     batch_no: int,
     seconds: float,
 ) -> None:
-    """Run the batch again now, or after `seconds` through a lock-free wake job.
+    """Run the batch again now, or after `seconds` through a lock-free wake job — unless
+    a run of it is queued already (a duplicate run would be harmless, only wasteful).
 
     A job waiting for a future time while holding the church's lock would block every
     later job with that lock (procrastinate #1599): a broadcast waiting for its window,
     a pause or a retry must never hold back the church's other sends.
     """
+    async with database.unit_of_work() as session:
+        if await batch_run_pending(session, message_id, batch_no):
+            return
+    # A continuation goes after every church's first slice of the same batch number: a
+    # church that has just sent its broadcast starts ahead of those already sending.
+    priority = -batch_no - 1
     args: dict[str, Any] = {
         "message_id": str(message_id),
         "created_at": created_at.isoformat(),
         "batch_no": batch_no,
     }
-    try:
-        if seconds <= 0:
-            await defer(
-                job_app,
-                BATCH_TASK,
-                queue=SEND_QUEUE,
-                priority=-batch_no,
-                lock=f"sms:{church_id}",
-                queueing_lock=batch_queueing_lock(message_id, batch_no),
-                **args,
-            )
-        else:
-            await defer(
-                job_app,
-                WAKE_TASK,
-                queue=SEND_QUEUE,
-                priority=-batch_no,
-                queueing_lock=f"wake:{message_id}:{batch_no}",
-                schedule_in_seconds=seconds,
-                church_id=str(church_id),
-                **args,
-            )
-    except AlreadyEnqueued:
-        pass  # that batch already has its next run queued
+    if seconds <= 0:
+        await defer(
+            job_app,
+            BATCH_TASK,
+            queue=SEND_QUEUE,
+            priority=priority,
+            lock=f"sms:{church_id}",
+            **args,
+        )
+    else:
+        await defer(
+            job_app,
+            WAKE_TASK,
+            queue=SEND_QUEUE,
+            priority=priority,
+            schedule_in_seconds=seconds,
+            church_id=str(church_id),
+            **args,
+        )
 
 
 async def _send_chunk(
@@ -484,12 +494,6 @@ async def _settle_late_parts(session: AsyncSession, message: Message, late: list
 
 
 async def _opt_out(session: AsyncSession, member_ids: list[uuid.UUID]) -> None:
-    """Telnyx refused with 40300: the phone texted STOP at the carrier; we record it too."""
-    await session.execute(
-        text(
-            "UPDATE members SET opted_out = true, opted_out_at = now(), "
-            "opted_out_source = 'provider', updated_at = now() "
-            "WHERE id = ANY(:ids) AND NOT opted_out"
-        ),
-        {"ids": member_ids},
-    )
+    """Telnyx refused with 40300: the phone texted STOP at the carrier; we record it too
+    (with a consent-history event)."""
+    await consent.opt_out_members(session, member_ids, source="provider")

@@ -23,9 +23,11 @@ log = structlog.get_logger(__name__)
 ACCOUNT_BUCKET = "sendrate:account"
 COOL_DOWN_KEY = "sendrate:cooldown"
 
-# KEYS: account bucket, number bucket, cool-down. ARGV: wanted, account interval ms,
-# account burst, number interval ms, number burst, account sends kept back (for replies).
-# Returns {granted, wait_ms}.
+# KEYS: account bucket, number bucket, cool-down. ARGV: wanted texts, account interval ms,
+# account burst, number interval ms, number burst, account tokens kept back (for replies),
+# segments per text (Telnyx counts segments as messages). A text goes when its segments
+# are available — or the whole burst, for a text longer than the burst — and charges all
+# of them. Returns {texts granted, wait_ms until the next one may go}.
 _SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -37,17 +39,22 @@ local function room(key, interval, burst)
   return tat, math.floor((now + interval * burst - tat) / interval)
 end
 local ai, ab, ni, nb = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local kept = tonumber(ARGV[6])
+local kept, cost = tonumber(ARGV[6]), tonumber(ARGV[7])
 local atat, aroom = room(KEYS[1], ai, ab)
 local ntat, nroom = room(KEYS[2], ni, nb)
-local granted = math.max(0, math.min(wanted, aroom - kept, nroom))
+local aneed, nneed = math.min(cost, ab - kept), math.min(cost, nb)
+local granted = 0
+if aroom - kept >= aneed and nroom >= nneed then
+  granted = math.max(1, math.min(wanted, math.floor((aroom - kept) / cost),
+                                 math.floor(nroom / cost)))
+end
 if granted > 0 then
-  atat = atat + granted * ai
-  ntat = ntat + granted * ni
+  atat = atat + granted * cost * ai
+  ntat = ntat + granted * cost * ni
   redis.call('SET', KEYS[1], atat, 'PX', math.ceil(atat - now) + 1000)
   redis.call('SET', KEYS[2], ntat, 'PX', math.ceil(ntat - now) + 1000)
 end
-local wait = math.max(0, atat - (now + ai * (ab - 1 - kept)), ntat - (now + ni * (nb - 1)))
+local wait = math.max(0, atat - (now + ai * (ab - kept - aneed)), ntat - (now + ni * (nb - nneed)))
 return {granted, math.ceil(wait)}
 """
 
@@ -94,9 +101,12 @@ class SendThroughput:
     def _shape(per_second: float) -> tuple[float, int]:
         return 1000.0 / per_second, max(1, math.floor(per_second))
 
-    async def take(self, number: str, wanted: int, *, bulk: bool = True) -> tuple[int, float]:
-        """(sends granted now, seconds until the next one may go). Bulk sends leave a
-        tenth of the account's burst for inbox texts, so replies go first in a surge."""
+    async def take(
+        self, number: str, wanted: int, *, bulk: bool = True, segments: int = 1
+    ) -> tuple[int, float]:
+        """(texts of `segments` each granted now, seconds until the next one may go).
+        Bulk sends leave a tenth of the account's burst for inbox texts, so replies go
+        first in a surge."""
         account_interval, account_burst = self._shape(self.account_per_second)
         number_interval, number_burst = self._shape(self.rate_of(number))
         kept = account_burst // 10 if bulk else 0
@@ -110,12 +120,13 @@ class SendThroughput:
                     number_interval,
                     number_burst,
                     kept,
+                    max(1, segments),
                 ],
             )
             return int(granted), int(wait_ms) / 1000
         except (RedisError, OSError) as error:
             log.warning("send_rate_degraded", error=type(error).__name__)
-            return self._take_locally(number, wanted)
+            return self._take_locally(number, wanted, max(1, segments))
 
     async def cool_down(self, seconds: float) -> None:
         """Telnyx asked us to slow down: no worker sends for `seconds`."""
@@ -124,12 +135,17 @@ class SendThroughput:
         except (RedisError, OSError) as error:
             log.warning("send_rate_degraded", error=type(error).__name__)
 
-    def _take_locally(self, number: str, wanted: int) -> tuple[int, float]:
+    def _take_locally(self, number: str, wanted: int, segments: int) -> tuple[int, float]:
         """Without Redis: the same algorithm per process (each worker keeps to the rates)."""
         now = time.monotonic() * 1000
         account = self._local.setdefault(ACCOUNT_BUCKET, _LocalBucket(self.account_per_second))
         sender = self._local.setdefault(number, _LocalBucket(self.rate_of(number)))
-        granted = max(0, min(wanted, account.room(now), sender.room(now)))
-        account.charge(granted)
-        sender.charge(granted)
+        account_room, sender_room = account.room(now), sender.room(now)
+        granted = 0
+        if account_room >= min(segments, account.burst) and sender_room >= min(
+            segments, sender.burst
+        ):
+            granted = max(1, min(wanted, account_room // segments, sender_room // segments))
+        account.charge(granted * segments)
+        sender.charge(granted * segments)
         return granted, max(account.wait(now), sender.wait(now)) / 1000

@@ -46,8 +46,14 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_async() -> None:
+    # The database's default statement_timeout (set by `koinonia migrate`) is for the
+    # application; a migration (an index on a big table) may take longer. A startup option,
+    # not a SET: behind PgBouncer a session SET would outlive this client on the server
+    # connection (there, where startup options are dropped, migrate directly).
     engine = create_async_engine(
-        _database_url(), poolclass=pool.NullPool, connect_args={"prepare_threshold": None}
+        _database_url(),
+        poolclass=pool.NullPool,
+        connect_args={"prepare_threshold": None, "options": "-c statement_timeout=0"},
     )
     async with engine.connect() as connection:
         await connection.run_sync(_run)

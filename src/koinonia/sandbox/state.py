@@ -30,6 +30,9 @@ class SandboxConfig:
     # Off: accept texts without sending receipts (a benchmark of the sender alone, when
     # the provider's webhook traffic would otherwise share the machine).
     telnyx_receipts: bool = True
+    # Pauses between tries of one webhook URL before the failover URL (Telnyx retries for
+    # a while): rides out a receiver's short outage such as a database restart.
+    webhook_retry_pauses: tuple[float, ...] = (0.05, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
     @classmethod
     def from_env(cls) -> SandboxConfig:

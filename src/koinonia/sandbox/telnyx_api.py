@@ -61,9 +61,6 @@ def _authorised(request: Request, state: SandboxState) -> bool:
     return request.headers.get("authorization", "") == f"Bearer {state.config.telnyx_api_key}"
 
 
-RETRY_PAUSES_SECONDS = (0.05, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-
-
 async def deliver(
     request: Request,
     urls: list[str],
@@ -87,7 +84,7 @@ async def deliver(
     for url in urls:
         # Telnyx retries a webhook that got no 2xx for a while before the failover URL;
         # ours rides out a receiver's short outage (a database restart) the same way.
-        for pause in RETRY_PAUSES_SECONDS:
+        for pause in state.config.webhook_retry_pauses:
             attempt += 1
             meta = {"attempt": attempt, "delivered_to": url}
             body = json.dumps({"data": event, "meta": meta}).encode()

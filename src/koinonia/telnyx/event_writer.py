@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -35,6 +36,7 @@ from prometheus_client import Histogram
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.engine import make_url
 
+from koinonia.db import observe_statement
 from koinonia.errors import ServiceUnavailableError
 from koinonia.messaging.suppressions import inbound_keyword
 
@@ -112,12 +114,15 @@ class EventWriter:
         flushers: int = 2,
         suppression_key: bytes | None = None,
         timeout: float = STORE_TIMEOUT_SECONDS,
+        slow_query_ms: int = 100,
+        options: str | None = None,
     ) -> None:
         conninfo = make_url(database_url).set(drivername="postgresql")
         self._provider = provider
         self._suppression_key = suppression_key
         self._timeout = timeout
         self._max_batch = max_batch
+        self._slow_query_ms = slow_query_ms
         self._flusher_count = flushers
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
@@ -133,6 +138,9 @@ class EventWriter:
                 "autocommit": True,
                 "prepare_threshold": None,
                 "connect_timeout": max(2, math.ceil(timeout)),  # libpq's minimum is 2 s
+                # Autocommit, one statement per flush: database timeouts as startup options
+                # (koinonia.db explains; behind PgBouncer the role's settings apply).
+                **({"options": options} if options else {}),
             },
             name=f"webhooks-{provider}",
         )
@@ -204,6 +212,7 @@ class EventWriter:
                 asyncio.timeout(FLUSH_TIMEOUT_SECONDS),
                 self._pool.connection() as connection,
             ):
+                started = time.perf_counter()
                 cursor = await connection.execute(
                     INSERT_SQL,
                     {
@@ -218,6 +227,10 @@ class EventWriter:
                     },
                 )
                 stored = {row[0] for row in await cursor.fetchall()}
+                pool = f"webhooks-{self._provider}"
+                observe_statement(
+                    pool, INSERT_SQL, time.perf_counter() - started, self._slow_query_ms
+                )
         except Exception as error:  # every waiting request answers 503; the sender retries
             log.warning("webhook_flush_failed", error=type(error).__name__, events=len(batch))
             for pending in batch:

@@ -4,10 +4,17 @@ exponential backoff over minutes (`RETRY`: its `next_attempt_at` keeps it out of
 meanwhile, so events behind it go on) and dead-lettered only after `RETRY.max_attempts`,
 with an `inbound_event_dead_lettered` error log and a counter for alerts. An inbound STOP
 is already suppressed when its event was stored (event_writer.py); an opt-in lifts an
-older suppression here, by event time, so a later STOP always wins."""
+older suppression here, by event time, so a later STOP always wins.
+
+A signed event whose payload has the wrong shape (`malformed`) is dead-lettered at once
+(error code `malformed_event`) instead of being retried. Once an event is applied or
+dead-lettered, its phone numbers and text are sealed (privacy.py): encrypted, with only
+non-personal fields, `koinonia_ref` and `data.payload.id` readable; a replayed event is
+unsealed before it is applied again."""
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +33,7 @@ from koinonia.members.crypto import ContactCipher
 from koinonia.messaging import receipts as broadcast_receipts
 from koinonia.messaging import refs
 from koinonia.messaging import suppressions as suppression_list
+from koinonia.telnyx import privacy
 
 log = structlog.get_logger(__name__)
 RECEIPT_TYPES = frozenset({"message.sent", "message.finalized"})
@@ -79,6 +87,53 @@ class EventRow:
     received_at: datetime
 
 
+def malformed(event_type: str, event: dict[str, Any]) -> str | None:
+    """Why a stored event cannot be applied whatever the retries (None: it can)."""
+    data = event.get("data")
+    if not isinstance(data, dict):
+        return "data is not an object"
+    if event_type not in RECEIPT_TYPES and event_type != INBOUND_TYPE:
+        return None
+    message = data.get("payload")
+    if not isinstance(message, dict):
+        return "data.payload is not an object"
+    for name in ("to", "errors", "media"):
+        value = message.get(name)
+        if value is not None and not (
+            isinstance(value, list) and all(isinstance(item, dict) for item in value)
+        ):
+            return f"data.payload.{name} is not a list of objects"
+    if message.get("from") is not None and not isinstance(message["from"], dict):
+        return "data.payload.from is not an object"
+    for name in ("id", "text"):
+        if message.get(name) is not None and not isinstance(message[name], str):
+            return f"data.payload.{name} is not a string"
+    return None
+
+
+class MalformedEvent(ValueError):  # noqa: N818 - a reason, raised to dead-letter at once
+    pass
+
+
+async def _claim(
+    session: AsyncSession, cipher: ContactCipher, limit: int, retry: RetryPolicy
+) -> list[EventRow]:
+    """Claim a batch, unsealed; events that can never apply are dead-lettered here."""
+    rows = []
+    for raw in await session.execute(text(CLAIM_SQL), {"limit": limit}):
+        row = EventRow(*raw)
+        try:
+            payload = privacy.unseal(cipher, row.id, row.payload)
+            reason = malformed(row.event_type, payload)
+            if reason is not None:
+                raise MalformedEvent(reason)
+        except ValueError as error:  # malformed, or sealed under a key no longer held
+            await _failed(session, row, error, retry, cipher, permanent=True)
+            continue
+        rows.append(EventRow(row.id, row.event_type, payload, row.attempts, row.received_at))
+    return rows
+
+
 async def apply_pending(
     database: Database,
     cipher: ContactCipher,
@@ -96,11 +151,11 @@ async def apply_pending(
     key = suppression_key if suppression_key is not None else cipher._hmac_key
     try:
         async with database.unit_of_work() as session:
-            rows = [EventRow(*r) for r in await session.execute(text(CLAIM_SQL), {"limit": limit})]
+            rows = await _claim(session, cipher, limit, retry or RETRY)
             if not rows:
                 return Applied()
             await _apply(session, rows, cipher, job_app, ref_key, key)
-            await _mark(session, [r.id for r in rows])
+            await _mark(session, rows, cipher)
             return Applied(events=len(rows))
     except Exception as error:
         log.warning("event_batch_failed", error=type(error).__name__)
@@ -152,10 +207,18 @@ async def _lift_on_opt_in(session: AsyncSession, row: EventRow, key: bytes) -> N
         log.info("suppression_lifted", webhook_event_id=row.id)
 
 
-async def _mark(session: AsyncSession, ids: list[int]) -> None:
+async def _mark(session: AsyncSession, rows: list[EventRow], cipher: ContactCipher) -> None:
+    """Applied: processed, and sealed (no plain-text phone or body is kept)."""
     await session.execute(
-        text("UPDATE webhook_events SET processed_at = now() WHERE id = ANY(:ids)"),
-        {"ids": ids},
+        text(
+            "UPDATE webhook_events w SET processed_at = now(), payload = CAST(u.p AS jsonb) "
+            "FROM unnest(CAST(:ids AS bigint[]), CAST(:payloads AS text[])) AS u(i, p) "
+            "WHERE w.id = u.i"
+        ),
+        {
+            "ids": [row.id for row in rows],
+            "payloads": [json.dumps(privacy.seal(cipher, row.id, row.payload)) for row in rows],
+        },
     )
 
 
@@ -170,30 +233,40 @@ async def _one_by_one(
 ) -> Applied:
     applied = Applied()
     async with database.unit_of_work() as session:
-        rows = [EventRow(*r) for r in await session.execute(text(CLAIM_SQL), {"limit": limit})]
+        rows = await _claim(session, cipher, limit, retry)
         for row in rows:
             try:
                 async with session.begin_nested():
                     await _apply(session, [row], cipher, job_app, ref_key, suppression_key)
-                await _mark(session, [row.id])
+                await _mark(session, [row], cipher)
                 applied.events += 1
             except Exception as error:
                 applied.failed += 1
-                await _failed(session, row, error, retry)
+                await _failed(session, row, error, retry, cipher)
     return applied
 
 
 async def _failed(
-    session: AsyncSession, row: EventRow, error: Exception, retry: RetryPolicy
+    session: AsyncSession,
+    row: EventRow,
+    error: Exception,
+    retry: RetryPolicy,
+    cipher: ContactCipher,
+    *,
+    permanent: bool = False,
 ) -> None:
     attempts = row.attempts + 1
     message = f"{type(error).__name__}: {str(error)[:200]}"
-    gave_up = attempts >= retry.max_attempts
+    gave_up = permanent or attempts >= retry.max_attempts
     delay = 0.0 if gave_up else retry.delay(attempts)
+    # Dead-lettered: sealed too (a replay unseals it). Still pending: kept as received,
+    # so the reconciler and the next attempt read it as they always have.
+    payload = privacy.seal(cipher, row.id, row.payload) if gave_up else row.payload
     await session.execute(
         text(
             "UPDATE webhook_events SET attempts = :attempts, last_error = :error, "
             "processed_at = CASE WHEN :gave_up THEN now() END, "
+            "payload = CAST(:payload AS jsonb), "
             "next_attempt_at = CASE WHEN :gave_up THEN NULL "
             "ELSE now() + make_interval(secs => :delay) END WHERE id = :id"
         ),
@@ -202,6 +275,7 @@ async def _failed(
             "error": message,
             "gave_up": gave_up,
             "delay": delay,
+            "payload": json.dumps(payload),
             "id": row.id,
         },
     )
@@ -223,8 +297,10 @@ async def _failed(
         else "other"
     )
     EVENTS_DEAD_LETTERED.labels(kind).inc()
-    # Never the payload or the error text: either may carry phone numbers.
-    log.error(
+    # Never the payload or the error text: either may carry phone numbers. A fresh logger
+    # (not the module's cached one): this alert always goes through the logging set up
+    # now, even if an app configured later than the module logger was first used.
+    structlog.get_logger(__name__).error(
         "inbound_event_dead_lettered" if kind == "inbound" else "webhook_event_dead_lettered",
         webhook_event_id=row.id,
         event_type=row.event_type,
@@ -237,6 +313,6 @@ async def _failed(
         church_id=None,
         payload={"webhook_event_id": row.id, "event_type": row.event_type},
         error=message,
-        error_code=None,
+        error_code="malformed_event" if isinstance(error, MalformedEvent) else None,
         attempts=attempts,
     )

@@ -8,6 +8,8 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import structlog
+from procrastinate.jobs import Job, Status
+from procrastinate.manager import JobManager
 
 from koinonia.jobs import JobResources
 from koinonia.members.crypto import ContactCipher
@@ -64,11 +66,27 @@ async def recover_stalled_jobs_forever(job: JobResources, every: float = 5.0) ->
             for stalled in await manager.get_stalled_jobs(
                 seconds_since_heartbeat=STALLED_AFTER_SECONDS
             ):
-                await manager.retry_job(stalled)
-                log.warning("stalled_job_retried", job_id=stalled.id, task=stalled.task_name)
+                await _recover(manager, stalled)
         except Exception:
             log.exception("stalled_job_recovery_error")
         await asyncio.sleep(every)
+
+
+async def _recover(manager: JobManager, stalled: Job) -> None:
+    """Retry one stalled job; one that cannot go back to `todo` (its queueing lock is
+    taken by a newer job) is closed as failed instead — left `doing`, it would hold its
+    lock for ever. Work it leaves behind is found by the reconciler and the sweeper."""
+    try:
+        await manager.retry_job(stalled)
+        log.warning("stalled_job_retried", job_id=stalled.id, task=stalled.task_name)
+    except Exception as error:
+        await manager.finish_job(stalled, status=Status.FAILED, delete_job=False)
+        log.warning(
+            "stalled_job_closed",
+            job_id=stalled.id,
+            task=stalled.task_name,
+            error=type(error).__name__,
+        )
 
 
 @contextlib.asynccontextmanager

@@ -39,6 +39,8 @@ def verify(
     if not signature or not timestamp:
         raise WebhookSignatureError("Missing telnyx-signature-ed25519 or telnyx-timestamp header")
     try:
+        if len(timestamp) > 12:  # Unix seconds; a longer number overflows a float below
+            raise ValueError
         sent_at = int(timestamp)
         signature_bytes = base64.b64decode(signature, validate=True)
     except (ValueError, binascii.Error):

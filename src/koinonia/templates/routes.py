@@ -13,7 +13,7 @@ from koinonia.accounts.deps import CurrentPrincipal
 from koinonia.accounts.tables import Church
 from koinonia.errors import problem_responses
 from koinonia.http.deps import DbSession
-from koinonia.http.pagination import Page, PageParams, cursor_uuid, make_page, page_params
+from koinonia.http.pagination import Page, PageParams, cursor_key, make_page, page_params
 from koinonia.templates.rendering import fields_used, render
 from koinonia.templates.schemas import (
     RenderOut,
@@ -47,7 +47,7 @@ async def list_templates(
 ) -> Page[TemplateOut]:
     query = select(Template).where(Template.church_id == principal.church_id)
     if page.cursor:
-        query = query.where(Template.id > cursor_uuid(page))
+        query = query.where(Template.id > cursor_key(page, uuid.UUID)[0])
     rows = (await session.scalars(query.order_by(Template.id).limit(page.limit + 1))).all()
     return make_page([_out(t) for t in rows], page.limit, lambda t: [t.id])
 

@@ -3,7 +3,7 @@ broadcast, no sort of the whole broadcast per page), `sent` rows awaiting a fina
 (the reconciler), and refund caps (`reference LIKE 'message:…:%'` as an index range).
 
 Revision ID: 0013_query_indexes
-Revises: 0009_suppressions
+Revises: 0012_provider_events
 Create Date: 2026-11-29 02:40:00
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0013_query_indexes"
-down_revision: str | Sequence[str] | None = "0009_suppressions"
+down_revision: str | Sequence[str] | None = "0012_provider_events"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,1 @@
+"""Contract fuzzing of the running API with schemathesis (`scripts/contract-test`)."""
