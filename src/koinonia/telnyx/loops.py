@@ -66,13 +66,13 @@ async def recover_stalled_jobs_forever(job: JobResources, every: float = 5.0) ->
             for stalled in await manager.get_stalled_jobs(
                 seconds_since_heartbeat=STALLED_AFTER_SECONDS
             ):
-                await _recover(manager, stalled)
+                await recover_stalled_job(manager, stalled)
         except Exception:
             log.exception("stalled_job_recovery_error")
         await asyncio.sleep(every)
 
 
-async def _recover(manager: JobManager, stalled: Job) -> None:
+async def recover_stalled_job(manager: JobManager, stalled: Job) -> None:
     """Retry one stalled job; one that cannot go back to `todo` (its queueing lock is
     taken by a newer job) is closed as failed instead — left `doing`, it would hold its
     lock for ever. Work it leaves behind is found by the reconciler and the sweeper."""
