@@ -198,9 +198,15 @@ async def test_a_broadcast_whose_jobs_failed_for_good_is_swept_and_finished(
             text("UPDATE messages SET updated_at = now() - interval '1 minute' WHERE id = :id"),
             {"id": uuid.UUID(message["id"])},
         )
-    async with worker(send_reconcile_after_seconds=1.0, send_lease_seconds=1.0):
+    # The reconcile loop (and its sweeper) runs every half second; the lease stays long
+    # enough that no send in flight is taken for abandoned.
+    async with worker(send_reconcile_after_seconds=1.0):
         await eventually(_completed(client, sending_church, message["id"]), within=30)
-    assert sorted((await _texts_with(sandbox_http, token)).values()) == [1, 1, 1]
+    recipients = await client.get(
+        f"/api/v1/messages/{message['id']}/recipients", headers=sending_church.headers
+    )
+    rows = [(r["status"], r["skip_reason"], r["error_code"]) for r in recipients.json()["data"]]
+    assert sorted((await _texts_with(sandbox_http, token)).values()) == [1, 1, 1], rows
 
 
 # --- 3. An account-level refusal pauses; it fails, refunds and dead-letters nobody ---

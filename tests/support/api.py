@@ -74,6 +74,7 @@ async def add_member(
 
 
 def random_phone() -> str:
-    """A valid US mobile-shaped number (area code 415, exchange 2xx-9xx)."""
+    """A valid US mobile-shaped number (area code 415, exchange 2xx-9xx, line ≥ 1000)."""
     digits = uuid.uuid4().int
-    return f"+1415{200 + digits % 800}{(digits >> 16) % 10000:04d}"
+    # Never ending in 0000-0002: the sandbox plays those as opted out, landline, invalid.
+    return f"+1415{200 + digits % 800}{1000 + (digits >> 16) % 9000:04d}"
