@@ -98,14 +98,15 @@ async def test_send_rates_hold_account_wide_and_per_number_and_keep_room_for_rep
         number_per_second=50,
         number_overrides={"+12025550002": 4},
     )
-    # Bulk may take the account's burst less a tenth kept for inbox texts.
+    # Bulk may take the account's burst (half a second's worth) less a tenth kept for
+    # inbox texts.
     first, _ = await rates.take("+12025550001", 100)
-    assert first == 18
-    # The per-number override caps the other number; the account has 2 left for replies.
+    assert first == 9
+    # Bulk gets nothing more now; the account's last token is there for a reply.
     second, wait = await rates.take("+12025550002", 100)
     assert second == 0 and wait > 0
-    replies = [(await rates.take("+12025550002", 1, bulk=False))[0] for _ in range(3)]
-    assert replies == [1, 1, 0]
+    replies = [(await rates.take("+12025550002", 1, bulk=False))[0] for _ in range(2)]
+    assert replies == [1, 0]
     # Segments count: a 3-part text takes 3 tokens, and one longer than the burst waits
     # for a full bucket, then goes alone.
     await redis.delete(ACCOUNT_BUCKET, "sendrate:+12025550002")

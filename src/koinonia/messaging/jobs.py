@@ -36,7 +36,9 @@ async def start_broadcast(message_id: str) -> None:
 
 
 @blueprint.task(name="wake_batch", queue=SEND_QUEUE, retry=JOB_RETRY)
-async def wake_batch(message_id: str, created_at: str, batch_no: int, church_id: str) -> None:
+async def wake_batch(
+    message_id: str, created_at: str, batch_no: int, church_id: str, fresh: bool = False
+) -> None:
     """Lock-free timer of a waiting batch: queue the batch (under its church's lock) now."""
     job = resources()
     await continue_batch(
@@ -47,6 +49,7 @@ async def wake_batch(message_id: str, created_at: str, batch_no: int, church_id:
         uuid.UUID(church_id),
         batch_no,
         0,
+        fresh=fresh,
     )
 
 

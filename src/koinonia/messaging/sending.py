@@ -261,8 +261,18 @@ async def _continue_later(
     seconds: float,
     report: BatchReport,
 ) -> BatchReport:
+    # A broadcast that has sent nothing yet keeps its first-slice priority while it waits
+    # for tokens: a church that has just sent gets its first text ahead of the rest.
+    fresh = report.sent == 0 and message.sent_count == 0 and message.delivered_count == 0
     await continue_batch(
-        database, job_app, message.id, message.created_at, message.church_id, batch_no, seconds
+        database,
+        job_app,
+        message.id,
+        message.created_at,
+        message.church_id,
+        batch_no,
+        seconds,
+        fresh=fresh,
     )
     report.deferred_for = seconds
     return report
@@ -276,6 +286,8 @@ async def continue_batch(
     church_id: uuid.UUID,
     batch_no: int,
     seconds: float,
+    *,
+    fresh: bool = False,
 ) -> None:
     """Run the batch again now, or after `seconds` through a lock-free wake job — unless
     a run of it is queued already (a duplicate run would be harmless, only wasteful).
@@ -289,7 +301,7 @@ async def continue_batch(
             return
     # A continuation goes after every church's first slice of the same batch number: a
     # church that has just sent its broadcast starts ahead of those already sending.
-    priority = -batch_no - 1
+    priority = -batch_no if fresh else -batch_no - 1
     args: dict[str, Any] = {
         "message_id": str(message_id),
         "created_at": created_at.isoformat(),
@@ -312,6 +324,7 @@ async def continue_batch(
             priority=priority,
             schedule_in_seconds=seconds,
             church_id=str(church_id),
+            fresh=fresh,
             **args,
         )
 
