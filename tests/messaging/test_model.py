@@ -370,13 +370,16 @@ class SendingModel(RuleBasedStateMachine):
         when = datetime.now(UTC) + timedelta(seconds=seconds)
         self._create(church, True, scheduled_at=when.isoformat())
 
-    @rule(data=st.data())
-    def cancel(self, data: st.DataObject) -> None:
+    # The choice is drawn the same way whatever happened before (which creates succeeded
+    # depends on the faults): a draw shaped by outside state makes Hypothesis's replay of
+    # a sequence inconsistent.
+    @rule(pick=st.integers(0, 10_000))
+    def cancel(self, pick: int) -> None:
         self.tally["cancel"] += 1
         known = [b for b in self.broadcasts if b.message_id and not b.cancelled]
         if not known:
             return
-        chosen = data.draw(st.sampled_from(known))
+        chosen = known[pick % len(known)]
         church = self.env.churches[chosen.church]
         try:
             answer = self.env.api.post(
