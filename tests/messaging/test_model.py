@@ -594,4 +594,4 @@ def test_sending_keeps_its_promises_under_random_sequences(environment: Environm
     # Not vacuous: sequences ran to their checks, and texts went out and were checked.
     assert tally["sequences"] >= examples
     assert tally["broadcasts_checked"] >= examples
-    assert tally["texts_checked"] >= examples * MEMBERS
+    assert tally["texts_checked"] >= examples  # cancels and STOPs leave fewer than all
