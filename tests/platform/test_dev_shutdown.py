@@ -68,8 +68,9 @@ def scratch_database() -> Iterator[str]:
 
 
 def test_sigterm_stops_every_child(scratch_database: str, tmp_path: Path) -> None:
-    if port_taken(SANDBOX_PORT):
-        pytest.skip(f"port {SANDBOX_PORT} is taken (another `koinonia dev`?)")
+    # `koinonia dev` serves the sandbox on its fixed port: taken means it cannot run here,
+    # which must fail, never pass unseen.
+    assert not port_taken(SANDBOX_PORT), f"port {SANDBOX_PORT} is taken (another `koinonia dev`?)"
     api_port = free_port()
     log_path = tmp_path / "dev.log"
     with log_path.open("w") as log_file:
