@@ -90,6 +90,7 @@ FEATURE_LIFESPANS: list[str] = [
     "koinonia.telnyx.gateway",
     "koinonia.messaging.monitoring",
     "koinonia.backups.metrics",
+    "koinonia.pgbouncer_metrics",
 ]
 
 
@@ -101,6 +102,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.database = database
     app.state.redis = redis
     app.state.cache = Cache(redis)
+    database.cache = app.state.cache  # unit_of_work / in_transaction invalidate after commit
     app.state.rate_limiter = RateLimiter(redis, settings.rate_limit_allowlist)
     # Used only to defer jobs inside request transactions (never opened: no pool needed).
     app.state.job_app = build_job_app(settings)

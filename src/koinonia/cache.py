@@ -24,6 +24,9 @@ import structlog
 from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session, SessionTransaction
 
 T = TypeVar("T")
 
@@ -65,6 +68,7 @@ class Cache:
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not security
         self._read = redis.register_script(_READ_SCRIPT)
         self._refreshing: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
 
     async def get_or_load(
         self,
@@ -159,7 +163,8 @@ class Cache:
                 self._refreshing.discard(key)
 
         task = asyncio.get_running_loop().create_task(refresh())
-        task.add_done_callback(lambda _: None)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def invalidate(self, *tags: str) -> None:
         """Every entry read under one of these tags is invalid from now on."""
@@ -177,3 +182,68 @@ class Cache:
 
 def church_tag(church_id: object, what: str) -> str:
     return f"church:{church_id}:{what}"
+
+
+# The per-church tags of the cached reads (docs/scaling.md, "Caches"). Named here, not in
+# the features, so that every writer — whatever feature or job it lives in — can
+# invalidate without importing the reader.
+def inbox_tag(church_id: object) -> str:
+    """`GET /conversations` (first pages): conversations and the members shown in them."""
+    return church_tag(church_id, "inbox")
+
+
+def usage_tag(church_id: object) -> str:
+    """`GET /billing/usage`: the segment ledger and the subscription's period."""
+    return church_tag(church_id, "usage")
+
+
+def group_counts_tag(church_id: object) -> str:
+    """`member_count` of `GET /groups`: group memberships."""
+    return church_tag(church_id, "groups")
+
+
+# Invalidation after commit. A writer only names the tags (`invalidate_on_commit`); the
+# place that commits invalidates them once the COMMIT has succeeded: the request's unit
+# of work (http/deps.py), `Database.unit_of_work` and `retry.in_transaction` (jobs,
+# webhooks, the CLI), each through `invalidate_committed`. Never before the commit: a read
+# between an early invalidation and the commit would cache the old data again under the
+# new version. A transaction that rolls back invalidates nothing it named.
+PENDING_TAGS = "koinonia.cache_tags"
+COMMITTED_TAGS = "koinonia.cache_tags_committed"
+
+
+def invalidate_on_commit(session: AsyncSession | Session, *tags: str) -> None:
+    """Invalidate these cache tags once the session's transaction has committed."""
+    session.info.setdefault(PENDING_TAGS, set()).update(tags)
+
+
+def pending_tags(session: AsyncSession | Session) -> set[str]:
+    """Tags named in the transaction still open (or whose COMMIT had no answer)."""
+    return set(session.info.get(PENDING_TAGS, ()))
+
+
+@event.listens_for(Session, "after_commit")
+def _tags_committed(session: Session) -> None:
+    if session.in_nested_transaction():
+        return  # a SAVEPOINT released: its tags wait for the outer COMMIT
+    pending = session.info.pop(PENDING_TAGS, None)
+    if pending:
+        session.info.setdefault(COMMITTED_TAGS, set()).update(pending)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _transaction_ended(session: Session, transaction: SessionTransaction) -> None:
+    # The outermost transaction ended: anything still pending was rolled back with it
+    # (a commit moved its tags on first). A SAVEPOINT rolling back keeps every tag of the
+    # transaction (at worst one invalidation too many, never one too few).
+    if transaction.parent is None:
+        session.info.pop(PENDING_TAGS, None)
+
+
+async def invalidate_committed(cache: Cache | None, session: AsyncSession | Session) -> None:
+    """Invalidate the tags of the session's committed transactions (called right after
+    the COMMIT by whoever ran it; without a cache — a CLI without Redis — they are
+    dropped and the entries expire by their TTL)."""
+    tags = session.info.pop(COMMITTED_TAGS, None)
+    if tags and cache is not None:
+        await cache.invalidate(*sorted(tags))

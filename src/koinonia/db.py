@@ -28,6 +28,7 @@ from typing import Any, Literal
 import structlog
 from sqlalchemy import MetaData, event
 from sqlalchemy.engine import Connection, ExecutionContext
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -37,6 +38,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.pool import NullPool
 
+from koinonia.cache import Cache, invalidate_committed
 from koinonia.observability import DB_POOL_IN_USE, DB_QUERY_LATENCY, DB_SLOW_QUERIES
 from koinonia.settings import Settings
 
@@ -104,7 +106,16 @@ def observe_statement(pool: str, statement: str, elapsed: float, slow_ms: int) -
         )
 
 
-def create_engine(url: str, settings: Settings, *, name: str) -> AsyncEngine:
+def create_engine(
+    url: str, settings: Settings, *, name: str, autocommit: bool = False
+) -> AsyncEngine:
+    """An engine with our pool, timeouts and statement metrics.
+
+    `autocommit=True` is for read-only sessions: each statement is its own transaction,
+    so a one-query read costs one round trip instead of three (BEGIN, the query, COMMIT or
+    the pool's ROLLBACK on return) — most of a list read's database time through
+    PgBouncer. Nothing is reset on return: there is never a transaction to undo.
+    """
     connect_args: dict[str, Any] = {
         # No server-side prepared statements: PgBouncer 1.18 in transaction mode cannot
         # keep them (shared/reference/python-stack.md).
@@ -120,11 +131,14 @@ def create_engine(url: str, settings: Settings, *, name: str) -> AsyncEngine:
             "pool_size": settings.database_pool_size,
             "max_overflow": settings.database_max_overflow,
             "pool_timeout": settings.database_pool_timeout,
-            "pool_pre_ping": True,
             "pool_recycle": 1800,
         }
+    if autocommit:
+        pool_args |= {"isolation_level": "AUTOCOMMIT", "pool_reset_on_return": None}
     engine = create_async_engine(url, connect_args=connect_args, **pool_args)
     _instrument(engine, settings.slow_query_ms, name)
+    if not settings.database_use_null_pool:
+        _ping_after_idle(engine, settings.database_ping_after_idle_seconds)
     if settings.database_timeouts_per_transaction:
         _set_timeouts_per_transaction(engine, set_local_timeouts_sql(settings))
     return engine
@@ -136,6 +150,36 @@ def _set_timeouts_per_transaction(engine: AsyncEngine, statement: str) -> None:
         # Runs as the transaction's first statement, after psycopg's BEGIN (which carries
         # the isolation level), so it holds on whichever server connection PgBouncer gives.
         conn.exec_driver_sql(statement)
+
+
+def _ping_after_idle(engine: AsyncEngine, idle_seconds: float) -> None:
+    """Check a pooled connection before use only when it sat idle for `idle_seconds`.
+
+    SQLAlchemy's `pool_pre_ping` pings on every checkout: a round trip per request, the
+    same cost as the query itself. A connection used a moment ago is alive; one that sat
+    idle may have been closed by a database or PgBouncer restart, so it is pinged, and a
+    failed ping makes the pool replace it (`DisconnectionError`) before anyone uses it.
+    """
+
+    @event.listens_for(engine.sync_engine.pool, "checkin")
+    def _idle_from(dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine.sync_engine.pool, "checkout")
+    def _ping_if_idle(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < idle_seconds:
+            return
+        try:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute("SELECT 1")
+            finally:
+                cursor.close()
+            if not dbapi_connection.autocommit:
+                dbapi_connection.rollback()  # the ping opened a transaction
+        except Exception as error:
+            raise DisconnectionError("pooled connection failed its idle check") from error
 
 
 def _instrument(engine: AsyncEngine, slow_ms: int, name: str) -> None:
@@ -179,10 +223,21 @@ class Database:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Set by whoever owns a Redis client (the API, the worker, the CLI): cache tags
+        # named with `invalidate_on_commit` are invalidated after `unit_of_work` commits.
+        self.cache: Cache | None = None
         self.engine = create_engine(settings.database_url, settings, name="primary")
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
+        # Read-only sessions on the primary (`koinonia.replicas.ReadSession` when no replica
+        # fits): autocommit, one round trip per statement.
+        self.read_engine = create_engine(
+            settings.database_url, settings, name="primary-reads", autocommit=True
+        )
+        self.read_sessions = async_sessionmaker(
+            self.read_engine, expire_on_commit=False, autoflush=False
+        )
         self.replica_engines = [
-            create_engine(url, settings, name=f"replica{i}")
+            create_engine(url, settings, name=f"replica{i}", autocommit=True)
             for i, url in enumerate(settings.database_replica_urls)
         ]
         self.replica_sessions = [
@@ -192,6 +247,7 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+        await self.read_engine.dispose()
         for engine in self.replica_engines:
             await engine.dispose()
 
@@ -199,7 +255,8 @@ class Database:
     async def unit_of_work(
         self, isolation_level: IsolationLevel | None = None
     ) -> AsyncIterator[AsyncSession]:
-        """One transaction: commits when the block ends, rolls back when it raises."""
+        """One transaction: commits when the block ends, rolls back when it raises; then
+        invalidates the cache tags its committed work named (`invalidate_on_commit`)."""
         async with self.sessions() as session:
             if isolation_level is not None:
                 await set_isolation(session, isolation_level)
@@ -209,6 +266,8 @@ class Database:
             except BaseException:
                 await session.rollback()
                 raise
+            finally:
+                await invalidate_committed(self.cache, session)
 
 
 async def set_isolation(session: AsyncSession, level: IsolationLevel) -> None:

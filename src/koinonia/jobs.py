@@ -29,6 +29,7 @@ from prometheus_client import Counter
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from koinonia.cache import Cache
 from koinonia.db import Database, observe_statement, timeout_startup_options
 from koinonia.job_telemetry import carried_context, job_middleware, with_carried_context
 from koinonia.redis import create_redis
@@ -135,6 +136,9 @@ async def open_resources(settings: Settings, job_app: App) -> AsyncIterator[JobR
     global _resources
     database = Database(settings)
     redis = create_redis(settings)
+    # Jobs have no request: their transactions invalidate the cache tags they name
+    # (`invalidate_on_commit`) after committing, through the worker's own Redis.
+    database.cache = Cache(redis)
     telnyx = TelnyxClient(settings)
     _resources = JobResources(settings, database, redis, job_app, telnyx)
     try:
@@ -209,10 +213,18 @@ class InstrumentedConnector(PsycopgConnector):
             self._observe(query, started)
 
 
-def build_job_app(settings: Settings, *, pool_max: int = 4) -> App:
+def build_job_app(settings: Settings, *, pool_max: int = 4, direct: bool = False) -> App:
+    """The procrastinate App on a connector of its own (opened by whoever runs jobs).
+
+    `direct=True` — the worker's — connects to DATABASE_DIRECT_URL (PostgreSQL itself):
+    procrastinate's LISTEN connection is opened from its pool's conninfo, and LISTEN is
+    session state, which PgBouncer in transaction mode does not keep. Others (the API,
+    which only defers inside its request transactions) use DATABASE_URL.
+    """
+    url = settings.direct_database_url if direct else settings.database_url
     connector = InstrumentedConnector(
         slow_query_ms=settings.slow_query_ms,
-        conninfo=psycopg_conninfo(settings.database_url),
+        conninfo=psycopg_conninfo(url),
         min_size=1,
         max_size=pool_max,
         # Same reason as the SQLAlchemy engines: PgBouncer in transaction mode. The pool

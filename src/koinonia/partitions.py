@@ -46,6 +46,17 @@ def partition_ddl(table: str, month: date) -> str:
     )
 
 
+def month_bounds(at: datetime) -> tuple[datetime, datetime]:
+    """The range `[start, end)` of the monthly partition holding `at` (UTC month bounds,
+    as `partition_ddl` creates them)."""
+    month = month_start(at.astimezone(UTC).date())
+    upper = add_months(month, 1)
+    return (
+        datetime(month.year, month.month, 1, tzinfo=UTC),
+        datetime(upper.year, upper.month, 1, tzinfo=UTC),
+    )
+
+
 def months_to_ensure(today: date, ahead: int) -> list[date]:
     """The current month and `ahead` months after it."""
     first = month_start(today)

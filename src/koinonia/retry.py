@@ -30,6 +30,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from koinonia.cache import invalidate_committed, pending_tags
 from koinonia.db import Database, IsolationLevel, set_isolation
 from koinonia.errors import ServiceUnavailableError
 from koinonia.observability import RETRIES
@@ -175,14 +176,16 @@ async def _run_once(
             # re-running work whose COMMIT did land would do it twice (a second broadcast).
             xid = str(await session.scalar(text("SELECT pg_current_xact_id()")))
             await session.commit()
-            return value
         except BaseException as error:
+            tags = pending_tags(session)  # the rollback forgets them
             with contextlib.suppress(Exception):  # the connection may be gone
                 await session.rollback()
             if xid is None or not is_transient_db_error(error):
                 raise
             outcome = await commit_status(database, xid)
             log.warning("commit_outcome_checked", operation=operation, outcome=outcome)
+            if outcome != "aborted" and database.cache is not None:
+                await database.cache.invalidate(*sorted(tags))  # it landed, or may have
             if outcome == "committed":
                 raise _Committed(value) from None
             if outcome is None:
@@ -192,6 +195,8 @@ async def _run_once(
                     headers={"Retry-After": "2"},
                 ) from error
             raise
+        await invalidate_committed(database.cache, session)
+        return value
 
 
 def _retry_whole(error: BaseException) -> bool:

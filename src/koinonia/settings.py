@@ -145,11 +145,20 @@ class Settings(BaseSettings):
     # --- Database -------------------------------------------------------------------
     database_url: str = "postgresql://postgres@127.0.0.1:5432/koinonia"
     database_replica_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # PostgreSQL itself, for what must not go through PgBouncer in transaction mode: the
+    # worker's job queue (its pool and LISTEN, which is session state) and the Telnyx
+    # webhook writer. Empty: DATABASE_URL (read it as `direct_database_url`).
+    database_direct_url: str = ""
+    # PgBouncer's admin console as a stats user (postgresql://pgbouncer_stats:…@host:6432/
+    # pgbouncer): the API's /metrics then carries its pools and totals. Empty: not read.
+    pgbouncer_admin_url: str = ""
     database_pool_size: int = Field(10, ge=1, le=200)
     database_max_overflow: int = Field(10, ge=0, le=200)
     database_pool_timeout: float = Field(5.0, gt=0)
     database_connect_timeout: float = Field(5.0, gt=0)
     database_use_null_pool: bool = False
+    # A pooled connection idle this long is pinged before use (koinonia.db._ping_after_idle).
+    database_ping_after_idle_seconds: float = Field(2.0, ge=0)
     slow_query_ms: int = Field(100, ge=1)
     replica_max_lag_seconds: float = Field(5.0, gt=0)
     read_your_writes_seconds: float = Field(5.0, ge=0)
@@ -306,6 +315,27 @@ class Settings(BaseSettings):
     def _replica_urls(cls, value: list[str]) -> list[str]:
         return [_normalise_database_url(url, "DATABASE_REPLICA_URLS") for url in value]
 
+    @field_validator("database_direct_url")
+    @classmethod
+    def _database_direct_url(cls, value: str) -> str:
+        if not value.strip():
+            return ""
+        return _normalise_database_url(value, "DATABASE_DIRECT_URL")
+
+    @field_validator("pgbouncer_admin_url")
+    @classmethod
+    def _pgbouncer_admin_url(cls, value: str) -> str:
+        if not value.strip():
+            return ""
+        rest = _normalise_database_url(value, "PGBOUNCER_ADMIN_URL").split("://", 1)[1]
+        database = rest.rsplit("@", 1)[-1].split("/", 1)[1].split("?", 1)[0]
+        if database != "pgbouncer":
+            raise ValueError(
+                "PGBOUNCER_ADMIN_URL must name PgBouncer's admin console: "
+                "postgresql://user:password@host:port/pgbouncer"
+            )
+        return f"postgresql://{rest}"  # psycopg's conninfo: no SQLAlchemy driver
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
@@ -420,6 +450,12 @@ class Settings(BaseSettings):
     def _rate_overrides(cls, value: str) -> str:
         parse_rate_overrides(value)
         return value
+
+    @property
+    def direct_database_url(self) -> str:
+        """DATABASE_DIRECT_URL, or DATABASE_URL when it is not set (resolved on every read,
+        so a copy with another DATABASE_URL follows it)."""
+        return self.database_direct_url or self.database_url
 
     @property
     def rate_overrides(self) -> dict[str, float]:

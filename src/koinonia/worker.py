@@ -301,7 +301,9 @@ async def run_attempt(
 
     grace = settings.worker_db_grace_seconds
 
-    job_app = build_job_app(settings, pool_max=pool_max)
+    # The job queue's pool and its LISTEN go to DATABASE_DIRECT_URL (PostgreSQL itself);
+    # the jobs' SQLAlchemy pool, the probe and the metrics follow DATABASE_URL.
+    job_app = build_job_app(settings, pool_max=pool_max, direct=True)
     async with (
         job_app.open_async(),
         open_resources(settings, job_app) as job,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Request, Response, status
+from fastapi import Body, Depends, Request, Response, status
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from koinonia.accounts import mfa, passwords, service
@@ -42,11 +42,12 @@ from koinonia.errors import (
 )
 from koinonia.http.deps import AppSettings, DbSession
 from koinonia.http.ratelimits import client_ip, limit_per_ip, record_failure
+from koinonia.http.routing import FeatureRouter
 from koinonia.settings import Settings
 from koinonia.tenancy import get_owned
 
-auth_mfa = APIRouter(prefix="/api/v1/auth/mfa", tags=["auth"])
-users_mfa = APIRouter(prefix="/api/v1/users", tags=["staff"])
+auth_mfa = FeatureRouter(prefix="/api/v1/auth/mfa", tags=["auth"])
+users_mfa = FeatureRouter(prefix="/api/v1/users", tags=["staff"])
 routers = [auth_mfa, users_mfa]
 
 # Changes end the user's sessions, which needs Redis (503 without it, see revocation.py).

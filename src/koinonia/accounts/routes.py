@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, status
+from fastapi import Depends, Request, status
 from sqlalchemy import select
 
 from koinonia.accounts import mfa, service, sessions
@@ -36,14 +36,15 @@ from koinonia.errors import AuthenticationError, RateLimitedError, problem_respo
 from koinonia.http.deps import AppSettings, DbSession, get_database
 from koinonia.http.pagination import Page, PageParams, cursor_key, make_page, page_params
 from koinonia.http.ratelimits import client_ip, limit_per_ip, record_failure
+from koinonia.http.routing import FeatureRouter
 from koinonia.jobs import defer_in_transaction
 from koinonia.messaging.broadcasts import follow_window_change
 from koinonia.numbers.jobs import NUMBERS_QUEUE, PROVISION_TASK, queueing_lock
 
-auth = APIRouter(prefix="/api/v1/auth", tags=["auth"])
-church = APIRouter(prefix="/api/v1/church", tags=["auth"])
-users = APIRouter(prefix="/api/v1/users", tags=["staff"])
-keys = APIRouter(prefix="/api/v1/api-keys", tags=["staff"])
+auth = FeatureRouter(prefix="/api/v1/auth", tags=["auth"])
+church = FeatureRouter(prefix="/api/v1/church", tags=["auth"])
+users = FeatureRouter(prefix="/api/v1/users", tags=["staff"])
+keys = FeatureRouter(prefix="/api/v1/api-keys", tags=["staff"])
 routers = [auth, church, users, keys]
 
 Pages = Annotated[PageParams, Depends(page_params)]

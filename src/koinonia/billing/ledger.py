@@ -6,12 +6,13 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from koinonia.accounts.tables import Church
 from koinonia.billing.tables import LedgerEntry, Subscription
+from koinonia.cache import invalidate_on_commit, usage_tag
 from koinonia.db import Database
 from koinonia.errors import PaymentRequiredError, QuotaExceededError
 from koinonia.retry import in_transaction
@@ -55,11 +56,33 @@ async def ensure_subscription(
     )
     subscription = await session.get(Subscription, church_id, populate_existing=True)
     assert subscription is not None
-    await grant(session, church_id, subscription.period_start, settings.trial_segments, "trial")
+    # Not invalidated: no usage can be cached for a church without a subscription
+    # (computing it creates one), so the first `GET /billing/usage` is cached at once.
+    await _insert_grant(
+        session, church_id, subscription.period_start, settings.trial_segments, "trial"
+    )
     return subscription
 
 
+def _usage_changed(session: AsyncSession, church_id: uuid.UUID) -> None:
+    """Every write to the ledger or the subscription's period: the cached
+    `GET /billing/usage` is invalidated once the transaction commits (any path: request,
+    job, webhook)."""
+    invalidate_on_commit(session, usage_tag(church_id))
+
+
 async def grant(
+    session: AsyncSession,
+    church_id: uuid.UUID,
+    period_start: datetime,
+    segments: int,
+    reference: str,
+) -> None:
+    _usage_changed(session, church_id)
+    await _insert_grant(session, church_id, period_start, segments, reference)
+
+
+async def _insert_grant(
     session: AsyncSession,
     church_id: uuid.UUID,
     period_start: datetime,
@@ -141,6 +164,7 @@ async def debit_in(
         raise QuotaExceededError(
             f"This needs {segments} segments and {balance} remain in this period"
         )
+    _usage_changed(session, church_id)
     await session.execute(
         insert(LedgerEntry)
         .values(
@@ -187,6 +211,7 @@ async def credit(
     debited = await _debit(session, church_id, reference)
     if debited is None:
         return
+    _usage_changed(session, church_id)
     await session.execute(
         insert(LedgerEntry)
         .values(
@@ -197,6 +222,28 @@ async def credit(
             reference=reference,
         )
         .on_conflict_do_nothing()
+    )
+
+
+def debited_total(church_id: uuid.UUID, debit_reference: str) -> Select[int]:
+    """Segments debited for `debit_reference`: the debit and its replay debits
+    (`<debit>:replay:…`). Both arms are ranges of `ix_usage_ledger_debit_reference`;
+    the prefix is escaped, so `_` and `%` in a reference match only themselves."""
+    return select(func.coalesce(func.sum(-LedgerEntry.segments), 0)).where(
+        LedgerEntry.church_id == church_id,
+        LedgerEntry.kind == "debit",
+        (LedgerEntry.reference == debit_reference)
+        | LedgerEntry.reference.startswith(f"{debit_reference}:replay:", autoescape=True),
+    )
+
+
+def refunded_total(church_id: uuid.UUID, debit_reference: str) -> Select[int]:
+    """Segments credited back against `debit_reference` (credits `<debit>:…`): a range
+    of `ix_usage_ledger_credit_reference`, the prefix escaped as in `debited_total`."""
+    return select(func.coalesce(func.sum(LedgerEntry.segments), 0)).where(
+        LedgerEntry.church_id == church_id,
+        LedgerEntry.kind == "credit",
+        LedgerEntry.reference.startswith(f"{debit_reference}:", autoescape=True),
     )
 
 
@@ -215,24 +262,12 @@ async def refund(
     debited = await _debit(session, church_id, debit_reference)
     if debited is None:
         return 0
-    total_debited = await session.scalar(
-        select(func.coalesce(func.sum(-LedgerEntry.segments), 0)).where(
-            LedgerEntry.church_id == church_id,
-            LedgerEntry.kind == "debit",
-            (LedgerEntry.reference == debit_reference)
-            | LedgerEntry.reference.like(f"{debit_reference}:replay:%"),
-        )
-    )
-    refunded = await session.scalar(
-        select(func.coalesce(func.sum(LedgerEntry.segments), 0)).where(
-            LedgerEntry.church_id == church_id,
-            LedgerEntry.kind == "credit",
-            LedgerEntry.reference.like(f"{debit_reference}:%"),
-        )
-    )
+    total_debited = await session.scalar(debited_total(church_id, debit_reference))
+    refunded = await session.scalar(refunded_total(church_id, debit_reference))
     amount = min(segments, int(total_debited or 0) - int(refunded or 0))
     if amount <= 0:
         return 0
+    _usage_changed(session, church_id)
     await session.execute(
         insert(LedgerEntry)
         .values(
@@ -248,7 +283,9 @@ async def refund(
 
 
 async def sync_church(session: AsyncSession, subscription: Subscription) -> None:
-    """Mirror plan and status on the church row (what `/auth/me` shows)."""
+    """Mirror plan and status on the church row (what `/auth/me` shows). Called after
+    every change of the subscription (Stripe events): its period is the usage's too."""
+    _usage_changed(session, subscription.church_id)
     church = await session.get(Church, subscription.church_id)
     if church is not None:
         church.plan = subscription.plan

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+import uuid
+from typing import Any
+
+from fastapi import Request
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from koinonia.accounts.deps import CurrentPrincipal, Owner
 from koinonia.accounts.tables import Church, User
@@ -17,11 +21,16 @@ from koinonia.billing.schemas import (
     UsageOut,
     WebhookAck,
 )
+from koinonia.billing.tables import Subscription
+from koinonia.cache import CachePolicy, usage_tag
 from koinonia.errors import FieldError, ValidationError, problem_responses
-from koinonia.http.deps import AppSettings, DbSession, get_database
+from koinonia.http.deps import AppCache, AppDatabase, AppSettings, get_database
+from koinonia.http.routing import FeatureRouter
+from koinonia.replicas import ReadSession
+from koinonia.settings import Settings
 
-router = APIRouter(prefix="/api/v1/billing", tags=["billing"])
-hooks = APIRouter(prefix="/api/v1/webhooks", tags=["webhooks"])
+router = FeatureRouter(prefix="/api/v1/billing", tags=["billing"])
+hooks = FeatureRouter(prefix="/api/v1/webhooks", tags=["webhooks"])
 routers = [router, hooks]
 READ = problem_responses(401, 429)
 OWNER = problem_responses(401, 403, 422, 429, 502, 503)
@@ -32,11 +41,25 @@ async def list_plans(_: CurrentPrincipal, settings: AppSettings) -> list[PlanOut
     return [PlanOut.model_validate(p) for p in plans(settings)]
 
 
+async def _subscription(
+    session: AsyncSession, request: Request, settings: Settings, church_id: uuid.UUID
+) -> Subscription:
+    """The church's subscription as `session` (a replica, maybe) sees it. A church without
+    one yet — its first billing read, or a row the replica has not replayed — gets its
+    trial created on the primary: the one write this GET can cause, kept off the
+    read-only session."""
+    found = await session.get(Subscription, church_id)
+    if found is not None:
+        return found
+    async with get_database(request).unit_of_work() as primary:
+        return await ledger.ensure_subscription(primary, settings, church_id)
+
+
 @router.get("/subscription", responses=READ)
 async def get_subscription(
-    principal: CurrentPrincipal, session: DbSession, settings: AppSettings
+    principal: CurrentPrincipal, session: ReadSession, settings: AppSettings, request: Request
 ) -> SubscriptionOut:
-    subscription = await ledger.ensure_subscription(session, settings, principal.church_id)
+    subscription = await _subscription(session, request, settings, principal.church_id)
     try:
         ledger.check_can_send(subscription)
         can_send = True
@@ -53,13 +76,27 @@ async def get_subscription(
     )
 
 
+# Exact after every write: each ledger row and subscription change invalidates the
+# church's `usage` tag after its commit (ledger.py). A figure about money: never served
+# past its TTL (no stale window); the TTL only bounds a lost invalidation.
+USAGE_CACHE = CachePolicy("usage", ttl=60, stale_ttl=0)
+
+
 @router.get("/usage", responses=READ)
 async def get_usage(
-    principal: CurrentPrincipal, session: DbSession, settings: AppSettings
+    principal: CurrentPrincipal, database: AppDatabase, cache: AppCache, settings: AppSettings
 ) -> UsageOut:
     """Segments used and left in the current period (trial or paid)."""
-    usage = await ledger.usage(session, settings, principal.church_id)
-    return UsageOut.model_validate(usage)
+    church_id = principal.church_id
+
+    async def load() -> dict[str, Any]:
+        # Its own transaction on the primary (a first read starts the trial: it writes).
+        async with database.unit_of_work() as session:
+            usage = await ledger.usage(session, settings, church_id)
+        return UsageOut.model_validate(usage).model_dump(mode="json")
+
+    cached = await cache.get_or_load(USAGE_CACHE, str(church_id), load, tags=[usage_tag(church_id)])
+    return UsageOut.model_validate(cached)
 
 
 def _gateway(request: Request) -> StripeGateway:

@@ -66,6 +66,14 @@ class LedgerEntry(Base):
             postgresql_ops={"reference": "text_pattern_ops"},
             postgresql_where=text("kind = 'credit'"),
         ),
+        # … and the debit with its replays (`= '<debit>' OR LIKE '<debit>:replay:%'`).
+        Index(
+            "ix_usage_ledger_debit_reference",
+            "church_id",
+            "reference",
+            postgresql_ops={"reference": "text_pattern_ops"},
+            postgresql_where=text("kind = 'debit'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)

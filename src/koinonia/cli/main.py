@@ -8,7 +8,7 @@ import sys
 import typer
 import uvicorn
 
-from koinonia.cli import backup, database, dev, members, partitions, seed
+from koinonia.cli import backup, database, dev, members, partitions, pgbouncer, seed
 from koinonia.cli.common import settings_or_exit
 from koinonia.settings import Settings, SettingsError, load_settings
 
@@ -25,6 +25,8 @@ app.add_typer(members.app, name="members")
 app.add_typer(partitions.app, name="partitions")
 app.add_typer(backup.app, name="backup")
 app.command()(backup.restore)
+app.command("pgbouncer-config")(pgbouncer.config)
+app.command("pgbouncer-secret")(pgbouncer.secret)
 
 
 @app.command("check-env")

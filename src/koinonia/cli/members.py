@@ -14,6 +14,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from sqlalchemy import func, select, update
 
 from koinonia.accounts.tables import Church
+from koinonia.cache import Cache
 from koinonia.cli.common import settings_or_exit
 from koinonia.db import Database
 from koinonia.members.crypto import ContactCipher
@@ -26,6 +27,7 @@ from koinonia.members.renormalize import (
     renormalize_phones,
 )
 from koinonia.members.tables import Member, MemberImport
+from koinonia.redis import create_redis
 from koinonia.settings import Settings
 
 app = typer.Typer(help="Member tools.", no_args_is_help=True)
@@ -55,6 +57,8 @@ async def _import(
     group_id: uuid.UUID | None,
 ) -> MemberImport:
     database = Database(settings)
+    redis = create_redis(settings)
+    database.cache = Cache(redis)  # the cached inbox and group counts it changes
     cipher = ContactCipher.from_settings(settings)
     try:
         async with database.unit_of_work() as session:
@@ -90,6 +94,7 @@ async def _import(
             apply_result(record, result)
             return record
     finally:
+        await redis.aclose()
         await database.dispose()
 
 
@@ -175,11 +180,14 @@ def rotate_keys(batch: int = typer.Option(1000, min=1)) -> None:
 
 async def _renormalize(settings: Settings, batch: int) -> tuple[Renormalized, list[Flagged]]:
     database = Database(settings)
+    redis = create_redis(settings)
+    database.cache = Cache(redis)  # the cached inbox shows the phones it rewrites
     cipher = ContactCipher.from_settings(settings)
     try:
         result = await renormalize_phones(database, cipher, batch)
         return result, await flagged_members(database)
     finally:
+        await redis.aclose()
         await database.dispose()
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi import Depends, Query, Request, Response, status
 from sqlalchemy import select, text
 
 from koinonia.accounts.deps import CurrentPrincipal
 from koinonia.accounts.tables import Church
+from koinonia.cache import Cache, CachePolicy, inbox_tag
 from koinonia.conversations import service
 from koinonia.conversations.schemas import (
     ConversationMember,
@@ -22,8 +25,9 @@ from koinonia.conversations.schemas import (
     StartConversation,
 )
 from koinonia.conversations.tables import Conversation, ConversationMessage
+from koinonia.db import Database
 from koinonia.errors import ConflictError, problem_responses
-from koinonia.http.deps import DbSession
+from koinonia.http.deps import AppCache, AppDatabase, DbSession, invalidate_on_commit
 from koinonia.http.pagination import (
     Page,
     PageParams,
@@ -31,11 +35,13 @@ from koinonia.http.pagination import (
     make_page,
     page_params,
 )
+from koinonia.http.routing import FeatureRouter
 from koinonia.members.crypto import ContactCipher
 from koinonia.members.service import get_member
+from koinonia.replicas import ReadSession
 from koinonia.tenancy import get_owned
 
-router = APIRouter(prefix="/api/v1/conversations", tags=["conversations"])
+router = FeatureRouter(prefix="/api/v1/conversations", tags=["conversations"])
 Pages = Annotated[PageParams, Depends(page_params)]
 
 # open ⇄ closed, either → archived, archived → open
@@ -59,6 +65,63 @@ WHERE c.church_id = :church_id
 ORDER BY c.last_message_at DESC, c.id DESC
 LIMIT :limit
 """
+
+
+# The first page of the inbox per church, filter and limit (what a polling client reads);
+# later pages (a cursor) are read from the database. Every write that changes a row shown
+# here invalidates the church's `inbox` tag after its commit (docs/scaling.md, "Caches"),
+# so the TTL only bounds what a lost invalidation could leave behind.
+INBOX_CACHE = CachePolicy("inbox", ttl=30, stale_ttl=15)
+
+
+def _to_cache(row: Any) -> dict[str, Any]:
+    """An inbox row as JSON. The phone stays encrypted (decrypted for each answer, bound
+    to the church): Redis never holds a member's phone in clear."""
+    return {
+        "id": str(row.id),
+        "status": row.status,
+        "unread_count": row.unread_count,
+        "last_message_at": row.last_message_at.isoformat(),
+        "last_message_preview": row.last_message_preview,
+        "last_message_direction": row.last_message_direction,
+        "created_at": row.created_at.isoformat(),
+        "member_id": str(row.member_id),
+        "first_name": row.first_name,
+        "last_name": row.last_name,
+        "phone_ct": base64.b64encode(bytes(row.phone_ct)).decode(),
+        "opted_out": row.opted_out,
+        "is_unknown": row.is_unknown,
+    }
+
+
+def _from_cache(entry: dict[str, Any], church_id: uuid.UUID) -> SimpleNamespace:
+    return SimpleNamespace(
+        **{**entry, "phone_ct": base64.b64decode(entry["phone_ct"]), "church_id": church_id}
+    )
+
+
+async def _first_page(
+    database: Database,
+    cache: Cache,
+    church_id: uuid.UUID,
+    *,
+    limit: int,
+    status_filter: str | None,
+    unread: bool | None,
+) -> list[SimpleNamespace]:
+    async def load() -> list[dict[str, Any]]:
+        # A session of its own on the primary: a background refresh outlives the request,
+        # and a lagging replica would cache an old inbox for the whole TTL.
+        async with database.sessions() as session:
+            rows = await _inbox(
+                session, church_id, limit=limit, status_filter=status_filter, unread=unread
+            )
+        return [_to_cache(row) for row in rows]
+
+    unread_key = "any" if unread is None else str(unread).lower()
+    key = f"{church_id}:{status_filter or 'any'}:{unread_key}:{limit}"
+    entries = await cache.get_or_load(INBOX_CACHE, key, load, tags=[inbox_tag(church_id)])
+    return [_from_cache(entry, church_id) for entry in entries]
 
 
 def _cipher(request: Request) -> ContactCipher:
@@ -120,7 +183,9 @@ async def _inbox(
 @router.get("", responses=problem_responses(401, 422, 429))
 async def list_conversations(
     principal: CurrentPrincipal,
-    session: DbSession,
+    session: ReadSession,
+    database: AppDatabase,
+    cache: AppCache,
     request: Request,
     page: Pages,
     status_filter: Annotated[
@@ -128,16 +193,27 @@ async def list_conversations(
     ] = None,
     unread: bool | None = None,
 ) -> Page[ConversationOut]:
-    """The inbox, newest activity first: one query (conversation + member)."""
-    before = cursor_key(page, datetime, uuid.UUID) if page.cursor else None
-    rows = await _inbox(
-        session,
-        principal.church_id,
-        limit=page.limit + 1,
-        status_filter=status_filter,
-        unread=unread,
-        before=before,
-    )
+    """The inbox, newest activity first: one query (conversation + member); the first
+    page is cached per church and filter."""
+    rows: list[Any]
+    if page.cursor:
+        rows = await _inbox(
+            session,
+            principal.church_id,
+            limit=page.limit + 1,
+            status_filter=status_filter,
+            unread=unread,
+            before=cursor_key(page, datetime, uuid.UUID),
+        )
+    else:
+        rows = await _first_page(
+            database,
+            cache,
+            principal.church_id,
+            limit=page.limit + 1,
+            status_filter=status_filter,
+            unread=unread,
+        )
     cipher = _cipher(request)
     return make_page(
         [_out(r, cipher) for r in rows], page.limit, lambda c: [c.last_message_at, c.id]
@@ -211,14 +287,17 @@ async def start_conversation(
 
 @router.get("/{conversation_id}", responses=problem_responses(401, 404, 429))
 async def get_conversation(
-    conversation_id: uuid.UUID, principal: CurrentPrincipal, session: DbSession, request: Request
+    conversation_id: uuid.UUID,
+    principal: CurrentPrincipal,
+    session: ReadSession,
+    request: Request,
 ) -> ConversationOut:
     return await _one(session, principal.church_id, conversation_id, request)
 
 
 @router.get("/{conversation_id}/messages", responses=problem_responses(401, 404, 422, 429))
 async def list_conversation_messages(
-    conversation_id: uuid.UUID, principal: CurrentPrincipal, session: DbSession, page: Pages
+    conversation_id: uuid.UUID, principal: CurrentPrincipal, session: ReadSession, page: Pages
 ) -> Page[ConversationMessageOut]:
     """Newest first. Bounded below by the conversation's start, so the plan prunes the
     monthly partitions before it."""
@@ -325,4 +404,5 @@ async def update_conversation(
     if body.read:
         conversation.unread_count = 0
     await session.flush()
+    invalidate_on_commit(session, inbox_tag(principal.church_id))
     return await _one(session, principal.church_id, conversation.id, request)

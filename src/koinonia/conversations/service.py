@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from koinonia.accounts.tables import Church
 from koinonia.billing import ledger
+from koinonia.cache import inbox_tag, invalidate_on_commit
 from koinonia.conversations.tables import Conversation, ConversationMessage
 from koinonia.errors import ConflictError, FieldError, ValidationError
 from koinonia.jobs import defer_in_transaction
@@ -87,6 +88,7 @@ async def touch_conversation(
     conversation: Conversation = (
         await session.scalars(statement, execution_options={"populate_existing": True})
     ).one()
+    invalidate_on_commit(session, inbox_tag(church_id))
     return conversation
 
 
@@ -182,6 +184,9 @@ async def handle_inbound(
     if church is None:
         log.warning("inbound_for_unknown_number", to_last4=inbound.to[-4:])
         return "unknown_number"
+    # A new (unknown) sender, an erased one texting again, keywords, the text itself: all
+    # shown in the inbox, invalidated once the worker's transaction commits.
+    invalidate_on_commit(session, inbox_tag(church.id))
     phone_hash = cipher.phone_hash(inbound.sender, church.id)
     member = await session.scalar(
         select(Member)
@@ -300,3 +305,4 @@ async def mark_read(session: AsyncSession, conversation: Conversation) -> None:
         .where(Conversation.id == conversation.id)
         .values(unread_count=0, updated_at=datetime.now(UTC))
     )
+    invalidate_on_commit(session, inbox_tag(conversation.church_id))

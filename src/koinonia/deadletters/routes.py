@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
+from fastapi import Depends, Path, Query, Request, Response, status
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -30,8 +30,9 @@ from koinonia.errors import (
 )
 from koinonia.http.deps import DbSession
 from koinonia.http.pagination import Page, PageParams, cursor_key, make_page, page_params
+from koinonia.http.routing import FeatureRouter
 
-router = APIRouter(prefix="/api/v1/admin/dlq", tags=["operations"])
+router = FeatureRouter(prefix="/api/v1/admin/dlq", tags=["operations"])
 Pages = Annotated[PageParams, Depends(page_params)]
 ERRORS = problem_responses(401, 403, 404)
 

@@ -8,7 +8,8 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from koinonia.cache import Cache, CachePolicy, church_tag
+from koinonia.cache import Cache, CachePolicy, group_counts_tag, invalidate_on_commit
+from koinonia.db import Database
 from koinonia.errors import FieldError, ValidationError
 from koinonia.groups.tables import Group, GroupMember
 
@@ -16,24 +17,30 @@ COUNTS = CachePolicy("group_counts", ttl=300, stale_ttl=0)
 
 
 def counts_tag(church_id: uuid.UUID) -> str:
-    return church_tag(church_id, "groups")
+    return group_counts_tag(church_id)
 
 
-async def member_counts(
-    session: AsyncSession, cache: Cache, church_id: uuid.UUID
-) -> dict[str, int]:
-    """Member count of every group of the church; cached until membership changes."""
+async def member_counts(database: Database, cache: Cache, church_id: uuid.UUID) -> dict[str, int]:
+    """Member count of every group of the church; cached until membership changes.
+
+    Loaded in a session of its own on the primary: a background refresh outlives the
+    request, and a lagging replica would cache old counts for the whole TTL."""
 
     async def load() -> dict[str, int]:
-        rows = await session.execute(
-            select(GroupMember.group_id, func.count())
-            .join(Group, Group.id == GroupMember.group_id)
-            .where(Group.church_id == church_id)
-            .group_by(GroupMember.group_id)
-        )
-        return {str(group_id): int(count) for group_id, count in rows}
+        async with database.sessions() as session:
+            return await _load_counts(session, church_id)
 
     return await cache.get_or_load(COUNTS, str(church_id), load, tags=[counts_tag(church_id)])
+
+
+async def _load_counts(session: AsyncSession, church_id: uuid.UUID) -> dict[str, int]:
+    rows = await session.execute(
+        select(GroupMember.group_id, func.count())
+        .join(Group, Group.id == GroupMember.group_id)
+        .where(Group.church_id == church_id)
+        .group_by(GroupMember.group_id)
+    )
+    return {str(group_id): int(count) for group_id, count in rows}
 
 
 async def count_members(session: AsyncSession, group_id: uuid.UUID) -> int:
@@ -81,6 +88,8 @@ async def add_members(
             "Some member ids are not members of this church; nothing was added",
             errors=[FieldError("member_ids", f"no such member: {m}") for m in unknown[:100]],
         )
+    if added:
+        invalidate_on_commit(session, counts_tag(church_id))
     return int(added)
 
 
@@ -89,4 +98,7 @@ async def remove_members(
 ) -> int:
     params: dict[str, Any] = {"ids": ids, "church_id": church_id, "group_id": group_id}
     result = await session.execute(_REMOVE, params)
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    removed = int(result.rowcount or 0)  # type: ignore[attr-defined]
+    if removed:
+        invalidate_on_commit(session, counts_tag(church_id))
+    return removed

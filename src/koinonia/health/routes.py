@@ -9,9 +9,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from koinonia.health.checks import HealthCheck, overall, run_checks
+from koinonia.http.routing import FeatureRouter
 from koinonia.settings import Settings
 
-router = APIRouter(prefix="/api/v1", tags=["health"])
+router = FeatureRouter(prefix="/api/v1", tags=["health"])
 probes = APIRouter(tags=["health"])
 
 

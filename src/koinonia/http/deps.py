@@ -9,7 +9,8 @@ from fastapi import Depends, Request
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from koinonia.cache import Cache
+from koinonia.cache import PENDING_TAGS, Cache, invalidate_committed
+from koinonia.cache import invalidate_on_commit as invalidate_on_commit  # re-exported
 from koinonia.db import Database
 from koinonia.settings import Settings
 
@@ -42,27 +43,19 @@ async def unit_of_work(request: Request) -> AsyncIterator[AsyncSession]:
             await session.commit()
         except BaseException:
             await session.rollback()
+            # A route that committed part of its work before failing (dead-letter replay)
+            # still invalidates what that part named.
+            await invalidate_committed(get_cache(request), session)
             raise
         principal = getattr(request.state, "principal", None)
         if principal is not None and request.method not in ("GET", "HEAD", "OPTIONS"):
             # Read-your-own-writes: this church reads from the primary for a while.
             await request.app.state.replicas.note_write(principal.church_id)
-        tags = session.info.pop(CACHE_TAGS_KEY, None)
-        if tags:
-            cache: Cache = request.app.state.cache
-            await cache.invalidate(*tags)
+        # Tags named with `invalidate_on_commit` during the request, now committed.
+        await invalidate_committed(get_cache(request), session)
 
 
-CACHE_TAGS_KEY = "koinonia.cache_tags"
-
-
-def invalidate_on_commit(session: AsyncSession, *tags: str) -> None:
-    """Invalidate these cache tags once the request's transaction has committed.
-
-    After, not before: a read between an early invalidation and the commit would cache
-    the old data again.
-    """
-    session.info.setdefault(CACHE_TAGS_KEY, set()).update(tags)
+CACHE_TAGS_KEY = PENDING_TAGS
 
 
 def get_cache(request: Request) -> Cache:
@@ -74,3 +67,4 @@ DbSession = Annotated[AsyncSession, Depends(unit_of_work, scope="function")]
 RedisClient = Annotated[Redis, Depends(get_redis)]
 AppSettings = Annotated[Settings, Depends(get_app_settings)]
 AppCache = Annotated[Cache, Depends(get_cache)]
+AppDatabase = Annotated[Database, Depends(get_database)]

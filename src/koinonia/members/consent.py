@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from koinonia.cache import inbox_tag, invalidate_on_commit
 from koinonia.members.tables import ConsentEvent, Member
 
 
@@ -28,6 +29,7 @@ def record(
     at: datetime | None = None,
 ) -> None:
     """The member's current state, as changed by `source` (the member has an id)."""
+    invalidate_on_commit(session, inbox_tag(member.church_id))  # the inbox shows opt-outs
     session.add(
         ConsentEvent(
             church_id=member.church_id,
@@ -47,7 +49,7 @@ async def opt_out_members(
     one statement."""
     if not member_ids:
         return
-    await session.execute(
+    changed = await session.execute(
         text(
             "WITH changed AS ("
             " UPDATE members SET opted_out = true, opted_out_at = now(),"
@@ -55,7 +57,10 @@ async def opt_out_members(
             " WHERE id = ANY(:ids) AND NOT opted_out"
             " RETURNING id, church_id, opted_out_at) "
             "INSERT INTO member_consent_events (church_id, member_id, opted_out, source, at) "
-            "SELECT church_id, id, true, :source, opted_out_at FROM changed"
+            "SELECT church_id, id, true, :source, opted_out_at FROM changed "
+            "RETURNING church_id"
         ),
         {"ids": list(member_ids), "source": source},
     )
+    churches = {church_id for (church_id,) in changed}
+    invalidate_on_commit(session, *(inbox_tag(church_id) for church_id in churches))

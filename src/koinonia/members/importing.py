@@ -19,6 +19,7 @@ from typing import IO, Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from koinonia.cache import group_counts_tag, inbox_tag, invalidate_on_commit
 from koinonia.jobs import raw_connection
 from koinonia.members.crypto import ContactCipher
 from koinonia.members.phones import InvalidPhoneError, to_e164
@@ -296,6 +297,11 @@ async def _merge(session: AsyncSession, options: ImportOptions, result: ImportRe
     ).one()
     if options.on_duplicate == "skip" and options.group_id is not None:
         await session.execute(text(_GROUP_EXISTING), params)
+    # Whoever commits (request, worker job, CLI) invalidates after the commit.
+    tags = [inbox_tag(options.church_id)]  # names and phones shown in the inbox
+    if options.group_id is not None:
+        tags.append(group_counts_tag(options.church_id))
+    invalidate_on_commit(session, *tags)
     result.created = int(created)
     result.updated = int(updated)
     result.skipped += staged - result.created - result.updated

@@ -31,6 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from koinonia.accounts.tables import Church
+from koinonia.cache import inbox_tag, invalidate_on_commit
 from koinonia.db import Database
 from koinonia.members import consent
 from koinonia.members.crypto import ContactCipher
@@ -102,6 +103,7 @@ async def _fix(
     if rewritten:
         member.phone_ct = cipher.encrypt(canonical, church_id)
         member.updated_at = now
+        invalidate_on_commit(session, inbox_tag(church_id))  # the inbox shows the phone
     if keeper is None:
         member.phone_hash = canonical_hash
         if member.review_reason is not None:

@@ -47,6 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from koinonia.accounts.principal import Principal
 from koinonia.accounts.tables import Church
 from koinonia.audit import service as audit
+from koinonia.cache import group_counts_tag, inbox_tag, invalidate_on_commit
 from koinonia.conversations.tables import Conversation
 from koinonia.errors import NotFoundError
 from koinonia.groups.tables import Group, GroupMember
@@ -363,6 +364,8 @@ async def erase_member(
     if kept:
         consent.record(session, member, source="erase", at=now)
     await session.flush()
+    # Cached answers naming the member (inbox) or counting them (groups) go too.
+    invalidate_on_commit(session, inbox_tag(church_id), group_counts_tag(church_id))
     result = ErasureOut(
         member_id=member.id,
         erased_at=now,

@@ -7,14 +7,13 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile, status
+from fastapi import Depends, File, Form, Query, Request, Response, UploadFile, status
 from sqlalchemy import select
 
 from koinonia.accounts.deps import CurrentPrincipal, Manager, Owner
-from koinonia.cache import church_tag
 from koinonia.errors import FieldError, ValidationError, problem_responses
 from koinonia.groups.tables import Group
-from koinonia.http.deps import AppSettings, DbSession, invalidate_on_commit
+from koinonia.http.deps import AppSettings, DbSession
 from koinonia.http.pagination import (
     Page,
     PageParams,
@@ -22,6 +21,7 @@ from koinonia.http.pagination import (
     make_page,
     page_params,
 )
+from koinonia.http.routing import FeatureRouter
 from koinonia.jobs import defer_in_transaction
 from koinonia.members import rights, service
 from koinonia.members.crypto import ContactCipher
@@ -36,10 +36,11 @@ from koinonia.members.schemas import (
     MemberUpdate,
 )
 from koinonia.members.tables import Member, MemberImport, MemberImportFile
+from koinonia.replicas import ReadSession
 from koinonia.tenancy import get_owned
 from koinonia.text import unsafe_character
 
-router = APIRouter(prefix="/api/v1/members", tags=["members"])
+router = FeatureRouter(prefix="/api/v1/members", tags=["members"])
 routers = [router]
 Pages = Annotated[PageParams, Depends(page_params)]
 ERRORS = problem_responses(401, 404, 422, 429)
@@ -59,7 +60,7 @@ Cipher = Annotated[ContactCipher, Depends(get_cipher)]
 @router.get("", responses=ERRORS)
 async def list_members(
     principal: CurrentPrincipal,
-    session: DbSession,
+    session: ReadSession,
     cipher: Cipher,
     page: Pages,
     q: Annotated[
@@ -104,7 +105,6 @@ async def create_member(
     member = await service.create_member(
         session, cipher, principal.church_id, body, principal.actor_id
     )
-    invalidate_on_commit(session, church_tag(principal.church_id, "groups"))
     return service.to_out(member, cipher)
 
 
@@ -166,7 +166,6 @@ async def import_members(
     )
     session.add(record)
     await session.flush()
-    invalidate_on_commit(session, church_tag(church_id, "groups"))
     if (file.size or 0) <= settings.import_inline_max_bytes:
         region = await service.church_region(session, church_id)
         await import_inline(session, record, file.file, region, cipher)
@@ -211,7 +210,7 @@ def _column_map(raw: str | None) -> dict[str, str]:
 
 @router.get("/{member_id}", responses=ERRORS)
 async def get_member(
-    member_id: uuid.UUID, principal: CurrentPrincipal, session: DbSession, cipher: Cipher
+    member_id: uuid.UUID, principal: CurrentPrincipal, session: ReadSession, cipher: Cipher
 ) -> MemberOut:
     return service.to_out(await service.get_member(session, principal.church_id, member_id), cipher)
 
@@ -236,7 +235,6 @@ async def delete_member(
 ) -> None:
     """Soft delete: the member disappears from lists, groups and audiences."""
     await service.delete_member(session, principal.church_id, member_id)
-    invalidate_on_commit(session, church_tag(principal.church_id, "groups"))
 
 
 @router.get("/{member_id}/consent", responses=ERRORS)
@@ -272,6 +270,4 @@ async def erase_member(
     memberships. Counts on broadcasts and billing stay. A member who had opted out stays
     suppressed: a keyed hash of the phone is kept with the opt-out time, so adding or
     importing that phone again brings it back opted out. See docs/members.md."""
-    result = await rights.erase_member(session, cipher, settings, principal, member_id)
-    invalidate_on_commit(session, church_tag(principal.church_id, "groups"))
-    return result
+    return await rights.erase_member(session, cipher, settings, principal, member_id)

@@ -10,6 +10,7 @@ from sqlalchemy import Select, delete, exists, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from koinonia.accounts.tables import Church
+from koinonia.cache import group_counts_tag, inbox_tag, invalidate_on_commit
 from koinonia.errors import ConflictError, FieldError, NotFoundError, ValidationError
 from koinonia.groups.tables import Group, GroupMember
 from koinonia.members import consent
@@ -35,7 +36,8 @@ def normalise_phone(raw: str, region: str) -> str:
 
 
 def to_out(member: Member, cipher: ContactCipher) -> MemberOut:
-    return MemberOut(
+    # Built from our own rows: no validation (`model_construct`), a tenth of the cost.
+    return MemberOut.model_construct(
         id=member.id,
         first_name=member.first_name,
         last_name=member.last_name,
@@ -127,6 +129,8 @@ async def create_member(
         session.add(GroupMember(group_id=group_id, member_id=member.id))
     await session.flush()
     await session.refresh(member)
+    # A member coming back shows their new name in the inbox; groups count them.
+    invalidate_on_commit(session, inbox_tag(church_id), group_counts_tag(church_id))
     return member
 
 
@@ -157,6 +161,7 @@ async def update_member(
     member.updated_at = datetime.now(UTC)
     await session.flush()
     await session.refresh(member)
+    invalidate_on_commit(session, inbox_tag(church_id))  # name, phone, opt-out shown there
     return member
 
 
@@ -165,6 +170,7 @@ async def delete_member(session: AsyncSession, church_id: uuid.UUID, member_id: 
     member = await get_member(session, church_id, member_id)
     member.deleted_at = datetime.now(UTC)
     await session.execute(delete(GroupMember).where(GroupMember.member_id == member.id))
+    invalidate_on_commit(session, group_counts_tag(church_id), inbox_tag(church_id))
 
 
 def search_filter(cipher: ContactCipher, church_id: uuid.UUID, region: str, q: str) -> Any:

@@ -6,8 +6,8 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
-from sqlalchemy import select, text
+from fastapi import Depends, Header, Query, Request, Response, status
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from koinonia.accounts.deps import CurrentPrincipal
@@ -21,12 +21,14 @@ from koinonia.http.pagination import (
     make_page,
     page_params,
 )
+from koinonia.http.routing import FeatureRouter
 from koinonia.messaging import broadcasts, pauses
 from koinonia.messaging.schemas import MessageOut, MessageRequest, PreviewOut, RecipientOut
 from koinonia.messaging.tables import Message
+from koinonia.replicas import ReadSession
 from koinonia.tenancy import get_owned
 
-router = APIRouter(prefix="/api/v1/messages", tags=["messages"])
+router = FeatureRouter(prefix="/api/v1/messages", tags=["messages"])
 Pages = Annotated[PageParams, Depends(page_params)]
 IdempotencyKey = Annotated[
     str | None,
@@ -90,7 +92,7 @@ async def send_message(
 @router.get("", responses=problem_responses(401, 422, 429))
 async def list_messages(
     principal: CurrentPrincipal,
-    session: DbSession,
+    session: ReadSession,
     page: Pages,
     status_filter: Annotated[str | None, Query(alias="status", max_length=10)] = None,
 ) -> Page[MessageOut]:
@@ -114,7 +116,7 @@ async def list_messages(
 
 @router.get("/{message_id}", responses=problem_responses(401, 404, 429))
 async def get_message(
-    message_id: uuid.UUID, principal: CurrentPrincipal, session: DbSession
+    message_id: uuid.UUID, principal: CurrentPrincipal, session: ReadSession
 ) -> MessageOut:
     message = await get_owned(session, Message, message_id, principal.church_id, what="message")
     return broadcasts.to_out(message, await _paused_reason(session, principal.church_id))
@@ -136,7 +138,7 @@ async def _paused_reason(session: AsyncSession, church_id: uuid.UUID) -> str | N
 async def list_recipients(
     message_id: uuid.UUID,
     principal: CurrentPrincipal,
-    session: DbSession,
+    session: ReadSession,
     page: Pages,
     status_filter: Annotated[RecipientStatus | None, Query(alias="status")] = None,
 ) -> Page[RecipientOut]:
@@ -144,23 +146,14 @@ async def list_recipients(
     after = 0
     if page.cursor:
         (after,) = cursor_key(page, int)
-    # `created_at` equal to the broadcast's: the plan touches one partition.
     rows = await session.execute(
-        text(
-            "SELECT id, member_id, status, skip_reason, segments, attempts, "
-            "provider_message_id, error_code, error_detail, sent_at, finalized_at, "
-            "in_doubt_since IS NOT NULL OR (status = 'sending') AS in_doubt "
-            "FROM message_recipients WHERE message_id = :id AND created_at = :created "
-            "AND id > :after AND (CAST(:status AS text) IS NULL OR status = :status) "
-            "ORDER BY id LIMIT :limit"
-        ),
-        {
-            "id": message.id,
-            "created": message.created_at,
-            "after": after,
-            "status": status_filter,
-            "limit": page.limit + 1,
-        },
+        broadcasts.recipients_page(
+            message.id,
+            message.created_at,
+            after=after,
+            status=status_filter,
+            limit=page.limit + 1,
+        )
     )
     items = [
         RecipientOut(

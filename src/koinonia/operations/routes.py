@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import Path, Query, Request, Response
 from prometheus_client import REGISTRY
 from pydantic import BaseModel
 from sqlalchemy import select, text
@@ -18,10 +18,11 @@ from koinonia.breaker import CircuitBreaker
 from koinonia.cache import PREFIX
 from koinonia.errors import NotFoundError, ServiceUnavailableError, problem_responses
 from koinonia.http.deps import AppSettings, DbSession, RedisClient
+from koinonia.http.routing import FeatureRouter
 from koinonia.messaging import pauses
 from koinonia.messaging.tables import SenderPause
 
-router = APIRouter(prefix="/api/v1/admin", tags=["operations"])
+router = FeatureRouter(prefix="/api/v1/admin", tags=["operations"])
 
 
 class SlowQuery(BaseModel):

@@ -51,7 +51,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await monitor.start()
     app.state.health_checks.append(monitor.served())
     events = EventWriter(
-        settings.database_url,
+        # PostgreSQL itself, not PgBouncer: the STOP-wins hot path never queues behind the
+        # API's transactions for a server connection, and its startup options hold.
+        settings.direct_database_url,
         "telnyx",
         suppression_key=suppression_key(settings),
         slow_query_ms=settings.slow_query_ms,

@@ -6,16 +6,17 @@ from typing import Annotated, Any
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from fastapi import APIRouter, Query, Request
+from fastapi import Query, Request
 from pydantic import BaseModel
 
 from koinonia import provider_json
 from koinonia.errors import AppError, problem_responses
+from koinonia.http.routing import FeatureRouter
 from koinonia.settings import Settings
 from koinonia.telnyx import signatures
 from koinonia.telnyx.event_writer import EventWriter
 
-router = APIRouter(prefix="/api/v1/webhooks", tags=["webhooks"])
+router = FeatureRouter(prefix="/api/v1/webhooks", tags=["webhooks"])
 log = structlog.get_logger(__name__)
 
 

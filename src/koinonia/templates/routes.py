@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, status
+from fastapi import Depends, status
 from sqlalchemy import select
 
 from koinonia.accounts.deps import CurrentPrincipal
@@ -14,6 +14,7 @@ from koinonia.accounts.tables import Church
 from koinonia.errors import problem_responses
 from koinonia.http.deps import DbSession
 from koinonia.http.pagination import Page, PageParams, cursor_key, make_page, page_params
+from koinonia.http.routing import FeatureRouter
 from koinonia.templates.rendering import fields_used, render
 from koinonia.templates.schemas import (
     RenderOut,
@@ -25,7 +26,7 @@ from koinonia.templates.schemas import (
 from koinonia.templates.tables import Template
 from koinonia.tenancy import get_owned
 
-router = APIRouter(prefix="/api/v1/templates", tags=["templates"])
+router = FeatureRouter(prefix="/api/v1/templates", tags=["templates"])
 Pages = Annotated[PageParams, Depends(page_params)]
 ERRORS = problem_responses(401, 404, 422, 429)
 

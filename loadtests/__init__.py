@@ -1,0 +1,1 @@
+"""Load tests: artillery against the running API (see loadtests/runner.py)."""
