@@ -264,7 +264,7 @@ class _AsyncpgFloor:
         self.church_id: uuid.UUID | None = None
 
     async def startup(self) -> None:
-        import asyncpg
+        import asyncpg  # type: ignore[import-untyped]
 
         self.church_id = uuid.UUID(_env("BENCH_FLOOR_CHURCH_ID"))
         size = int(_env("BENCH_FLOOR_POOL_SIZE", "10"))

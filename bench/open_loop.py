@@ -9,9 +9,11 @@ idle keep-alive connection, or on a new one when every connection is busy (up to
 FROM ITS SCHEDULED TIME to the last byte of its answer, so a server that falls behind is
 charged for the whole wait of every request it delayed (no coordinated omission). Requests
 not answered by the end of the drain (`--drain`, after the last send) count as errors and
-as infinitely slow in the percentiles. The send lag (actual write − scheduled time) is
-reported apart: it is the generator's own share of the latency (timer granularity and
-its CPU), not the server's.
+as at least (end of the drain − due time) in the percentiles, which are then marked as
+lower bounds ("≥"); failed requests (connection refused or closed) count as infinitely
+slow. The send lag (dispatch − due time, before any wait for a free connection) is
+reported apart: it is the generator's own lateness (timer granularity, its CPU), not the
+server's.
 
 Parsing is minimal: status line, `Content-Length`, body, `Connection: close`. No
 `Accept-Encoding` is sent (the API then never compresses) and no pipelining is done.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -41,7 +44,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 MAX_HEAD = 65_536
@@ -76,13 +79,16 @@ class Stats:
     measured_from: float = 0.0
     scheduled: int = 0  # requests due inside the measured window
     latencies: list[float] = field(default_factory=list)  # seconds, measured requests
-    send_lags: list[float] = field(default_factory=list)
+    send_lags: list[float] = field(default_factory=list)  # dispatch − due: our own lateness
     statuses: Counter[int] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
-    last_answer: float = 0.0
     connections_opened: int = 0
     most_connections: int = 0
     most_waiting: int = 0  # requests due while every connection (up to the cap) was busy
+    waited: int = 0  # measured requests that waited for a connection
+    answered_total: int = 0  # warm-up included
+    started: float = 0.0  # t0: the first request's due time
+    last_answer_any: float = 0.0  # warm-up included
 
 
 class Connection(asyncio.Protocol):
@@ -100,8 +106,8 @@ class Connection(asyncio.Protocol):
     # asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         self.loader.ready(self)
 
     def data_received(self, data: bytes) -> None:
@@ -196,6 +202,8 @@ class OpenLoop:
         self.waiting: deque[float] = deque()  # due requests with no connection yet
         self.outstanding = 0
         self.closing = False
+        self.all_sent = False
+        self.drained = asyncio.Event()
         self.stats = Stats()
 
     # --- connection events ----------------------------------------------------------
@@ -217,22 +225,26 @@ class OpenLoop:
             self._grow()
 
     def answered(self, scheduled: float, status: int, done: float) -> None:
-        self.outstanding -= 1
+        self._settled()
+        self.stats.answered_total += 1
+        self.stats.last_answer_any = max(self.stats.last_answer_any, done)
         if scheduled >= self.stats.measured_from and not self.closing:
             self.stats.latencies.append(done - scheduled)
             self.stats.statuses[status] += 1
-            self.stats.last_answer = max(self.stats.last_answer, done)
 
     def failed(self, scheduled: float, why: str) -> None:
-        self.outstanding -= 1
+        self._settled()
         if scheduled >= self.stats.measured_from and not self.closing:
             self.stats.errors[why] += 1
+
+    def _settled(self) -> None:
+        self.outstanding -= 1
+        if self.all_sent and self.outstanding == 0:
+            self.drained.set()
 
     # --- sending --------------------------------------------------------------------
 
     def _send(self, connection: Connection, scheduled: float) -> None:
-        if scheduled >= self.stats.measured_from:
-            self.stats.send_lags.append(time.perf_counter() - scheduled)
         connection.send(scheduled, self.request)
 
     def _grow(self) -> None:
@@ -260,13 +272,22 @@ class OpenLoop:
 
     def dispatch(self, scheduled: float) -> None:
         self.outstanding += 1
+        measured = scheduled >= self.stats.measured_from
+        if measured:
+            self.stats.send_lags.append(time.perf_counter() - scheduled)
         if self.idle:
             self._send(self.idle.pop(), scheduled)
             return
         self.waiting.append(scheduled)
-        if scheduled >= self.stats.measured_from:
+        if measured:
+            self.stats.waited += 1
             self.stats.most_waiting = max(self.stats.most_waiting, len(self.waiting))
         self._grow()
+
+    def pending(self) -> list[float]:
+        """Due times of the measured requests sent or waiting and not answered yet."""
+        due = [c.scheduled for c in self.open if c.scheduled is not None] + list(self.waiting)
+        return [s for s in due if s >= self.stats.measured_from]
 
     async def run(self) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -279,9 +300,9 @@ class OpenLoop:
             finally:
                 self.opening -= 1
         cpu_before = os.times()
-        total = int(round(self.rate * (self.warmup + self.duration)))
-        first_measured = int(round(self.rate * self.warmup))
-        t0 = time.perf_counter() + 0.01
+        total = round(self.rate * (self.warmup + self.duration))
+        first_measured = round(self.rate * self.warmup)
+        t0 = self.stats.started = time.perf_counter() + 0.01
         self.stats.measured_from = t0 + first_measured / self.rate
         self.stats.scheduled = total - first_measured
         i = 0
@@ -294,12 +315,13 @@ class OpenLoop:
                 delay = t0 + i / self.rate - time.perf_counter()
                 await asyncio.sleep(max(0.0, delay))
         last_due = t0 + (total - 1) / self.rate
-        deadline = time.perf_counter() + self.drain
-        while self.outstanding > 0 and time.perf_counter() < deadline:
-            await asyncio.sleep(0.005)
+        self.all_sent = True
+        if self.outstanding > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.drained.wait(), self.drain)
         cpu_after = os.times()
         cpu = cpu_after.user + cpu_after.system - cpu_before.user - cpu_before.system
-        summary = self._summary(self.outstanding, last_due, cpu)
+        summary = self._summary(self.outstanding, last_due, cpu, self.pending())
         self.closing = True  # what the closes below report is not counted
         for connection in list(self.open):
             if connection.transport is not None:
@@ -307,50 +329,65 @@ class OpenLoop:
         await asyncio.sleep(0.01)
         return summary
 
-    def _summary(self, unanswered: int, last_due: float, cpu: float) -> dict[str, Any]:
+    def _summary(
+        self, unanswered: int, last_due: float, cpu: float, pending: list[float]
+    ) -> dict[str, Any]:
         stats = self.stats
-        # A request still unanswered was due in the measured window or in the warm-up;
-        # only the measured ones are counted (warm-up ones were due first, so answered first
-        # when the server answers in order: the unanswered are the latest).
-        measured_unanswered = max(
-            0, stats.scheduled - len(stats.latencies) - sum(stats.errors.values())
-        )
-        if measured_unanswered:
-            stats.errors["unanswered at the end of the drain"] += measured_unanswered
+        now = time.perf_counter()
+        # Latency entries (seconds, is-a-lower-bound): answered requests exactly; requests
+        # still unanswered at the end of the drain at least (now − due); failed ones
+        # (connection errors, closed) as infinite.
+        entries = [(latency, False) for latency in stats.latencies]
+        entries += [(now - due, True) for due in pending]
         failed = sum(stats.errors.values())
-        ordered = sorted(stats.latencies) + [math.inf] * failed
+        entries += [(math.inf, False)] * failed
+        if pending:
+            stats.errors["unanswered at the end of the drain"] += len(pending)
+        entries.sort()
         ok = sum(n for status, n in stats.statuses.items() if 200 <= status < 300)
-        span = (stats.last_answer - stats.measured_from) if stats.latencies else 0.0
+        # The server's throughput over the run: every answer (warm-up included, so that a
+        # backlog left by the warm-up does not count against it), first due → last answer.
+        span = stats.last_answer_any - stats.started if stats.answered_total else 0.0
         lags = sorted(stats.send_lags)
 
         def ms(value: float) -> float | None:
             return None if math.isinf(value) or math.isnan(value) else round(value * 1000, 3)
 
+        def at(q: float) -> tuple[float | None, bool]:
+            """The q-th percentile (nearest rank) in ms, and whether it is a lower bound:
+            true when an unanswered request ranks at or below it."""
+            if not entries:
+                return None, False
+            rank = max(1, math.ceil(q / 100 * len(entries)))
+            return ms(entries[rank - 1][0]), any(bound for _, bound in entries[:rank])
+
+        figures: dict[str, Any] = {}
+        for name, q in (("p50", 50), ("p90", 90), ("p95", 95), ("p99", 99), ("p999", 99.9)):
+            figures[f"{name}_ms"], figures[f"{name}_at_least"] = at(q)
+        figures["max_ms"], figures["max_at_least"] = at(100)
         return {
             "offered_rate": self.rate,
             "duration_s": self.duration,
             "warmup_s": self.warmup,
+            "drain_s": self.drain,
             "scheduled": stats.scheduled,
             "answered": len(stats.latencies),
+            "answered_total": stats.answered_total,
             "ok": ok,
             "statuses": {str(k): v for k, v in sorted(stats.statuses.items())},
             "errors": dict(stats.errors),
             "non_2xx": len(stats.latencies) - ok,
             "unanswered_total": unanswered,
-            "achieved_rate": round(len(stats.latencies) / span, 1) if span > 0 else 0.0,
+            "achieved_rate": round(stats.answered_total / span, 1) if span > 0 else 0.0,
             "send_window_s": round(last_due - stats.measured_from, 3),
-            "p50_ms": ms(percentile(ordered, 50)),
-            "p90_ms": ms(percentile(ordered, 90)),
-            "p95_ms": ms(percentile(ordered, 95)),
-            "p99_ms": ms(percentile(ordered, 99)),
-            "p999_ms": ms(percentile(ordered, 99.9)),
-            "max_ms": ms(ordered[-1]) if ordered else None,
+            **figures,
             "send_lag_p50_ms": ms(percentile(lags, 50)),
             "send_lag_p99_ms": ms(percentile(lags, 99)),
             "send_lag_max_ms": ms(lags[-1]) if lags else None,
+            "waited_for_connection": stats.waited,
+            "most_waiting": stats.most_waiting,
             "connections_opened": stats.connections_opened,
             "most_connections": stats.most_connections,
-            "most_waiting": stats.most_waiting,
             "cpu_seconds": round(cpu, 3),
         }
 
@@ -385,19 +422,27 @@ def run(
         return runner.run(loader.run())
 
 
-def describe(result: dict[str, Any]) -> str:
-    def fmt(value: float | None) -> str:
-        return "inf" if value is None else f"{value:.1f}"
+def fmt_latency(result: dict[str, Any], name: str) -> str:
+    """`p99` → "12.3", "≥4,120.0" (a lower bound: unanswered requests) or "inf"."""
+    value = result.get(f"{name}_ms")
+    if value is None:
+        return "inf"
+    text = f"{value:,.1f}" if value >= 10 else f"{value:.2f}"
+    return ("≥" + text) if result.get(f"{name}_at_least") else text
 
+
+def describe(result: dict[str, Any]) -> str:
+    lag = result["send_lag_p99_ms"]
     return (
         f"offered {result['offered_rate']:g} req/s for {result['duration_s']:g} s "
         f"({result['scheduled']} requests): achieved {result['achieved_rate']:.0f} req/s, "
         f"answered {result['answered']} ({result['ok']} 2xx), statuses {result['statuses']}, "
-        f"errors {result['errors'] or 0}; latency from the schedule p50 {fmt(result['p50_ms'])}"
-        f" / p95 {fmt(result['p95_ms'])} / p99 {fmt(result['p99_ms'])} / max "
-        f"{fmt(result['max_ms'])} ms; send lag p50 {fmt(result['send_lag_p50_ms'])} / p99 "
-        f"{fmt(result['send_lag_p99_ms'])} ms; connections {result['most_connections']} "
-        f"(opened {result['connections_opened']}); generator CPU {result['cpu_seconds']:.2f} s"
+        f"errors {result['errors'] or 0}; latency from the schedule p50 "
+        f"{fmt_latency(result, 'p50')} / p95 {fmt_latency(result, 'p95')} / p99 "
+        f"{fmt_latency(result, 'p99')} / max {fmt_latency(result, 'max')} ms; send lag p99 "
+        f"{'inf' if lag is None else f'{lag:.2f}'} ms; {result['waited_for_connection']} "
+        f"waited for a connection; connections {result['most_connections']} (opened "
+        f"{result['connections_opened']}); generator CPU {result['cpu_seconds']:.2f} s"
     )
 
 

@@ -47,6 +47,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -463,22 +464,24 @@ def write_payload(path: Path, churches: list[Church], seed: int) -> int:
 # --- measuring ----------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
+def proc_cpu(pid: int) -> tuple[str, float] | None:
+    """(command name, CPU seconds) of a live process."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return raw[raw.index("(") + 1 : raw.rindex(")")], (
+        int(fields[11]) + int(fields[12])
+    ) / CLOCK_TICKS
 
 
-def postgres_pids() -> list[int]:
-    pids = []
+def every_process() -> dict[int, tuple[str, float]]:
+    found = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                if Path(f"/proc/{entry}/comm").read_text().strip() == "postgres":
-                    pids.append(int(entry))
-    return pids
+        if entry.isdigit() and (cpu := proc_cpu(int(entry))) is not None:
+            found[int(entry)] = cpu
+    return found
 
 
 def machine_busy() -> float:
@@ -486,27 +489,59 @@ def machine_busy() -> float:
     return (sum(values[:8]) - values[3] - values[4]) / CLOCK_TICKS
 
 
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def backend_pids(database_url: str) -> set[int]:
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        rows = connection.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return {int(row[0]) for row in rows}
+
+
 @dataclass
 class Cpu:
+    """CPU used during the load by each server process, artillery, this database's
+    PostgreSQL backends, PgBouncer and Redis; `other` is the rest of the machine (another
+    program running at the same time shows there)."""
+
     roles: dict[str, int]
-    at: float = field(default_factory=time.monotonic)
-    before: dict[str, float] = field(default_factory=dict)
-    postgres: dict[int, float] = field(default_factory=dict)
+    database_url: str
+    at: float = 0.0
+    before: dict[int, tuple[str, float]] = field(default_factory=dict)
     machine: float = 0.0
+    children: float = 0.0  # CPU of the children this process has waited for
 
     def start(self) -> None:
         self.at = time.monotonic()
-        self.before = {role: cpu_seconds(pid) for role, pid in self.roles.items()}
-        self.postgres = {pid: cpu_seconds(pid) for pid in postgres_pids()}
+        self.children = children_cpu()
+        self.before = every_process()
         self.machine = machine_busy()
 
     def report(self) -> str:
         wall = time.monotonic() - self.at
-        used = {role: cpu_seconds(pid) - self.before[role] for role, pid in self.roles.items()}
-        used["postgres"] = sum(
-            cpu_seconds(pid) - self.postgres.get(pid, 0.0) for pid in postgres_pids()
-        )
         machine = machine_busy() - self.machine
+        # Artillery has exited (so /proc has no figure for it) and been waited for.
+        used = dict.fromkeys(self.roles, 0.0) | {"artillery": children_cpu() - self.children}
+        used |= {"postgres": 0.0, "pgbouncer": 0.0, "redis": 0.0}
+        backends = backend_pids(self.database_url)
+        by_pid = {pid: role for role, pid in self.roles.items()}
+        for pid, (name, seconds) in every_process().items():
+            start = self.before.get(pid)
+            delta = seconds - (start[1] if start is not None and start[0] == name else 0.0)
+            if pid in by_pid:
+                used[by_pid[pid]] += delta
+            elif pid in backends:
+                used["postgres"] += delta
+            elif name == "pgbouncer":
+                used["pgbouncer"] += delta
+            elif name.startswith("redis-server"):
+                used["redis"] += delta
+        used["other"] = max(0.0, machine - sum(used.values()))
         parts = [f"{role} {100 * s / wall:.0f} %" for role, s in used.items()]
         cores = os.cpu_count() or 1
         return (
@@ -813,10 +848,9 @@ def load(
         str(ARTILLERY), "run", "--target", api_url, "--overrides", json.dumps(overrides),
         "-p", str(workdir / "payload.csv"), "--output", str(report_path), str(WORKLOAD),
     ]  # fmt: skip
-    cpu = Cpu(roles)
+    cpu = Cpu(roles, direct)
     before = totals(direct)
     artillery = services.start("artillery", argv, env, args.artillery_cpus)
-    cpu.roles["artillery"] = artillery.process.pid
     cpu.start()
     log(f"artillery running for {seconds} s (pinned to CPU {args.artillery_cpus}) ...")
     deadline = time.monotonic() + seconds + 120
@@ -837,6 +871,7 @@ def load(
         log(f"artillery failed ({code}); its log ends:\n{artillery.tail()}")
         return False
     summary = summarise(json.loads(report_path.read_text()), workload_names())
+    summary.seconds = seconds  # rates over the phases (the counters' span adds the stragglers)
 
     drained = time.monotonic() + args.drain_seconds
     left = backlog(direct)
@@ -849,8 +884,8 @@ def load(
     print()
     print(
         f"Koinonia load test, {time.strftime('%Y-%m-%d %H:%M %Z')}: "
-        f"{', '.join(p.describe() for p in phases)}; {summary.vusers_created:,} arrivals in "
-        f"{summary.seconds:.0f} s; {os.cpu_count()} CPUs"
+        f"{', '.join(p.describe() for p in phases)}: {summary.vusers_created:,} arrivals; "
+        f"{os.cpu_count()} CPUs"
     )
     print()
     print(table(summary))

@@ -162,7 +162,7 @@ def configure_logging(
     # The JSON lines carry none of the record's caller, thread or process fields, so the
     # stdlib does not compute them (the Logging HOWTO's "Optimization" switches): a third
     # of the cost of each access line.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

@@ -3,9 +3,10 @@
 Reads that may be slightly stale (lists, dashboards) take `ReadSession`; it goes to a
 replica when one is configured, healthy and within `REPLICA_MAX_LAG_SECONDS`, unless the
 calling church wrote something in the last `READ_YOUR_WRITES_SECONDS` (then the primary,
-so a client always sees its own change). No replica fits → the primary. Either way the
-session is read-only (`BEGIN READ ONLY` on the primary too): a route that writes on a
-`ReadSession` fails everywhere, not only when a replica happens to serve it.
+so a client always sees its own change). No replica fits → the primary's autocommit read
+engine (`Database.read_engine`: one round trip per statement). Either way the session
+refuses to write (`_RoutedSession`): a route that writes on a `ReadSession` fails in every
+test, not only in production when a replica happens to serve it.
 
 Fallback when a replica goes away (docs/operations.md#read-replicas):
 
@@ -34,13 +35,14 @@ from fastapi import Depends, Request
 from prometheus_client import Counter, Gauge
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from koinonia.accounts.deps import CurrentPrincipal
 from koinonia.db import Database
+from koinonia.errors import DatabaseError
 
 log = structlog.get_logger("koinonia.replicas")
 
@@ -128,11 +130,8 @@ class ReplicaRouter:
         self.lags: list[float | None] = [None] * len(database.replica_engines)
         self._turn = itertools.count()
         self._task: asyncio.Task[None] | None = None
-        # Read-only everywhere: the primary's reads run `BEGIN READ ONLY` (psycopg's
-        # `read_only`, reset when the connection goes back to the shared pool).
-        self.primary_reads: AsyncEngine = database.engine.execution_options(
-            postgresql_readonly=True
-        )
+        # The primary's autocommit read engine (its own pool, `primary-reads`).
+        self.primary_reads: AsyncEngine = database.read_engine
         self._factories = [
             async_sessionmaker(
                 bind,
@@ -273,12 +272,66 @@ class _Route:
             DB_READ_FALLBACKS.labels(self.reason).inc()
 
 
+class ReadOnlySessionError(DatabaseError):
+    """A write attempted on a `ReadSession` (a bug in the route: it must use `DbSession`)."""
+
+
+# Leading keywords of textual SQL that writes or locks (a hot standby refuses them; the
+# primary's autocommit read engine would run and commit them).
+_WRITE_VERBS = frozenset(
+    [
+        "insert",
+        "update",
+        "delete",
+        "merge",
+        "create",
+        "alter",
+        "drop",
+        "truncate",
+        "copy",
+        "grant",
+        "revoke",
+        "lock",
+        "call",
+        "do",
+        "refresh",
+        "vacuum",
+        "cluster",
+        "reindex",
+        "comment",
+    ]
+)
+
+
+def _writes(statement: Any) -> bool:
+    if getattr(statement, "is_dml", False):  # insert(), update(), delete(), ORM or Core
+        return True
+    if getattr(statement, "_for_update_arg", None) is not None:  # SELECT … FOR UPDATE/SHARE
+        return True
+    if isinstance(statement, TextClause):
+        words = statement.text.lstrip(" \t\r\n(").split(None, 1)
+        return bool(words) and words[0].lower() in _WRITE_VERBS
+    return False
+
+
 class _RoutedSession(Session):
     """The synchronous half of a read session. Every statement (`execute`, `scalars`,
-    `get`, `refresh`…) passes through `_execute_internal`; one that fails on a replica
-    because the replica went away marks it down and runs once more on the primary."""
+    `get`, `refresh`…) passes through `_execute_internal`:
+
+    - one that would write or lock (`_writes`), or a flush with changes, is refused: the
+      primary's read engine is autocommit, so nothing else would stop it there (a
+      function that writes inside a SELECT is not seen: only a replica refuses that);
+    - one that fails on a replica because the replica went away marks it down and runs
+      once more on the primary."""
+
+    def flush(self, objects: Any = None) -> None:
+        if self.new or self.dirty or self.deleted:
+            raise ReadOnlySessionError("A read-only session cannot write")
+        super().flush(objects)
 
     def _execute_internal(self, *args: Any, **kwargs: Any) -> Any:
+        if _writes(args[0] if args else kwargs.get("statement")):
+            raise ReadOnlySessionError("A read-only session cannot write")
         route = self.info.get(_ROUTE_KEY)
         if isinstance(route, _Route):
             route.count()

@@ -40,6 +40,7 @@ from koinonia.http.routing import FeatureRouter
 from koinonia.jobs import defer_in_transaction
 from koinonia.messaging.broadcasts import follow_window_change
 from koinonia.numbers.jobs import NUMBERS_QUEUE, PROVISION_TASK, queueing_lock
+from koinonia.replicas import ReadSession
 
 auth = FeatureRouter(prefix="/api/v1/auth", tags=["auth"])
 church = FeatureRouter(prefix="/api/v1/church", tags=["auth"])
@@ -180,7 +181,7 @@ async def logout(body: RefreshRequest, principal: CurrentPrincipal, session: DbS
 
 
 @auth.get("/me", responses=AUTHED)
-async def me(principal: CurrentPrincipal, session: DbSession) -> MeOut:
+async def me(principal: CurrentPrincipal, session: ReadSession) -> MeOut:
     church_row = await session.get(Church, principal.church_id)
     if church_row is None:
         raise AuthenticationError()
