@@ -328,9 +328,25 @@ def check_answer(url: str, token: str, rows: int | None) -> int:
     return len(response.content)
 
 
+def wait_idle(pid: int, timeout: float = 60.0) -> float:
+    """Until the server uses < 10 % of a core over half a second (an open-loop run leaves
+    up to --max-connections requests running after it ends); answers the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        before = CpuSnapshot.take()
+        time.sleep(0.5)
+        after = CpuSnapshot.take()
+        if (_cpu_of(after, pid) - _cpu_of(before, pid)) / (after.at - before.at) < 0.10:
+            break
+    return time.monotonic() - started
+
+
 def measure(
     result: Measured, url: str, plan: Plan, *, open_loop: bool, services: Services
 ) -> Measured:
+    waited = wait_idle(result.pid)
+    if waited > 5:
+        print(f"  (waited {waited:.0f} s for {result.name}'s server to go idle)", flush=True)
     run_wrk(url, plan.token, plan.connections, 1)  # warm-up: pools, caches, code paths
     window = CpuWindow(result.pid, plan.direct_url)
     window.start()
@@ -421,6 +437,42 @@ def wait_for(
         time.sleep(interval)
 
 
+async def post_texts(api_url: str, token: str, choir: str, members: list[str]) -> None:
+    """BROADCASTS broadcasts to the choir and one inbox text to each of `members`, 8 at once."""
+    gate = asyncio.Semaphore(8)
+
+    async def post(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> None:
+        async with gate:
+            headers = {"Idempotency-Key": uuid.uuid4().hex} if path.endswith("messages") else {}
+            answer = await client.post(path, json=body, headers=headers)
+        if answer.status_code not in (200, 201, 202):
+            raise RuntimeError(f"{path} refused: {answer.status_code} {answer.text}")
+
+    async with httpx.AsyncClient(
+        base_url=api_url, timeout=60, headers={"Authorization": f"Bearer {token}"}
+    ) as client:
+        broadcasts = [
+            post(
+                client,
+                "/api/v1/messages",
+                {
+                    "body": f"Hi {{{{first_name}}}}, choir practice #{n + 1} is at 7pm Thursday.",
+                    "group_ids": [choir],
+                },
+            )
+            for n in range(BROADCASTS)
+        ]
+        texts = [
+            post(
+                client,
+                "/api/v1/conversations",
+                {"member_id": member_id, "body": "Hello from the church office: how are you?"},
+            )
+            for member_id in members
+        ]
+        await asyncio.gather(*broadcasts, *texts)
+
+
 def seed(api_url: str, direct_url: str, services: Services, settings: Any) -> tuple[str, uuid.UUID]:
     """The church, its members, groups, broadcasts and conversations; answers its
     (access token, church id)."""
@@ -485,24 +537,7 @@ def seed(api_url: str, direct_url: str, services: Services, settings: Any) -> tu
 
     wait_for("the worker registering", workers_registered, services, 60)
     phase("worker ready")
-    for n in range(BROADCASTS):
-        sent = client.post(
-            "/api/v1/messages",
-            json={
-                "body": f"Hi {{{{first_name}}}}, choir practice #{n + 1} moves to 7pm Thursday.",
-                "group_ids": [group_ids[0]],
-            },
-            headers={"Idempotency-Key": uuid.uuid4().hex},
-        )
-        if sent.status_code != 202:
-            raise RuntimeError(f"broadcast refused: {sent.status_code} {sent.text}")
-    for member_id in member_ids[500 : 500 + CONVERSATIONS]:
-        started = client.post(
-            "/api/v1/conversations",
-            json={"member_id": member_id, "body": "Hello from the church office: how are you?"},
-        )
-        if started.status_code not in (200, 201):
-            raise RuntimeError(f"conversation refused: {started.status_code} {started.text}")
+    asyncio.run(post_texts(api_url, token, group_ids[0], member_ids[500 : 500 + CONVERSATIONS]))
 
     def statuses(connection: psycopg.Connection[Any], table: str) -> dict[str, int]:
         rows = connection.execute(f"SELECT status, count(*) FROM {table} GROUP BY 1").fetchall()

@@ -16,12 +16,14 @@ shared by several processes renames the file under the others and loses lines.
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import os
 import re
 import sys
 from collections.abc import Mapping, MutableMapping
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -156,6 +158,47 @@ def file_handler(log_file: str, backup_count: int) -> logging.Handler:
     return logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
 
 
+_RENDERED = "koinonia_rendered"
+
+
+class _JsonFormatter(structlog.stdlib.ProcessorFormatter):
+    """structlog's formatter, passing through lines `log_prerendered` already rendered."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, _RENDERED, False):
+            return str(record.msg)
+        return super().format(record)
+
+
+def log_prerendered(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
+    """One JSON line through `logger`'s handlers, rendered here in one pass.
+
+    For the access line (one per request): the same fields, masking and sinks as any
+    structlog line — timestamp, request and trace ids, context variables, then the masking
+    processor and JSON — without building and copying two log records and running the
+    processor chain twice (two thirds of a request's logging cost)."""
+    if not logger.isEnabledFor(level):
+        return
+    event_dict: EventDict = {
+        **structlog.contextvars.get_contextvars(),
+        **fields,
+        "event": event,
+        "level": logging.getLevelName(level).lower(),
+        "logger": logger.name,
+        "timestamp": _utc_now_iso(),
+    }
+    _add_request_id(None, "", event_dict)
+    add_trace_ids(None, "", event_dict)
+    line = json.dumps(mask_processor(None, "", event_dict), default=repr)
+    record = logger.makeRecord(logger.name, level, "(access)", 0, line, (), None)
+    setattr(record, _RENDERED, True)
+    logger.handle(record)
+
+
+def _utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
 def configure_logging(
     level: str = "INFO", log_file: str | None = None, backup_count: int = 30
 ) -> None:
@@ -178,7 +221,7 @@ def configure_logging(
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    formatter = structlog.stdlib.ProcessorFormatter(
+    formatter = _JsonFormatter(
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,

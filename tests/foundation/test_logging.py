@@ -64,3 +64,29 @@ def test_log_lines_are_json_and_masked_including_exceptions(
     assert "eyJabc" not in failed["exception"]
     assert stdlib["event"] == "stdlib says ***1111"
     assert stdlib["logger"] == "some.library"
+
+
+def test_prerendered_access_lines_carry_the_same_fields_and_masking(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from asgi_correlation_id import correlation_id
+
+    from koinonia.logging import log_prerendered
+
+    configure_logging("INFO")
+    token = correlation_id.set("req-15551234567")  # a client-chosen id that looks like a phone
+    structlog.contextvars.bind_contextvars(job="j1")
+    try:
+        logger = logging.getLogger("koinonia.access")
+        log_prerendered(logger, logging.INFO, "request", route="/x", status=200, note="+15551234567")
+        log_prerendered(logger, logging.DEBUG, "request", route="/hidden")  # below the level
+    finally:
+        structlog.contextvars.unbind_contextvars("job")
+        correlation_id.reset(token)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["event"] == "request" and line["level"] == "info"
+    assert line["logger"] == "koinonia.access" and line["timestamp"].endswith("Z")
+    assert line["route"] == "/x" and line["status"] == 200 and line["job"] == "j1"
+    assert line["note"] == "***4567" and "15551234567" not in line["request_id"]

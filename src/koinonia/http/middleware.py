@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
@@ -19,9 +20,10 @@ from koinonia.errors import (
     UriTooLongError,
     problem_body,
 )
+from koinonia.logging import log_prerendered
 from koinonia.observability import HTTP_IN_FLIGHT, HTTP_LATENCY, HTTP_REQUESTS
 
-access_log = structlog.get_logger("koinonia.access")
+access_logger = logging.getLogger("koinonia.access")
 error_log = structlog.get_logger("koinonia.errors")
 
 SECURITY_HEADERS = [
@@ -248,7 +250,7 @@ class ObservabilityMiddleware:
             for key in ("church_id", "user_id"):
                 if key in state:
                     fields[key] = state[key]
-            access_log.info("request", **fields)
+            log_prerendered(access_logger, logging.INFO, "request", **fields)
 
     def _route_template(self, scope: Scope) -> str:
         # Feature routers carry their full prefix (/api/v1/...), so the matched route's
