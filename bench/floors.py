@@ -22,6 +22,12 @@ The database floors answer what they read: the phone stays the stored ciphertext
 (`phone_ct`, base64); decrypting it (AES-GCM per row, as the real route does) is not part of
 the floors (`bench.read_paths` prints its cost apart).
 
+Like the API, the database floors answer 503 after waiting 5 s for a pooled connection
+(DATABASE_POOL_TIMEOUT), and the same-stack floor's Redis client has the API's options
+(0.5 s timeouts, at most 200 connections) and lets a request through when Redis fails (the
+API's limiter then falls back to its in-process state). At shutdown each floor prints a
+`FLOOR_STATS {...}` line with the count of such events.
+
 Configuration (environment): `BENCH_FLOOR_DSN` (libpq URL, e.g. through PgBouncer),
 `BENCH_FLOOR_POOL_SIZE` (default 10, the API's `DATABASE_POOL_SIZE`),
 `BENCH_FLOOR_CHURCH_ID` (asyncpg floor), `BENCH_FLOOR_REDIS_URL` and
@@ -34,7 +40,9 @@ import base64
 import datetime as dt
 import json
 import os
+import sys
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Annotated, Any
 
@@ -77,6 +85,13 @@ return {1, math.floor((tolerance - (new_tat - now)) / interval)}
 RATE_INTERVAL_MS = 1  # RATE_LIMIT_PER_MINUTE=6,000,000 rounds to 1 ms, as in the API
 RATE_BURST = 6_000_000
 JWT_ISSUER = "koinonia"
+# As the API: DATABASE_POOL_TIMEOUT (then 503), and koinonia.redis.create_redis's client
+# (REDIS_TIMEOUT 0.5 s, at most 200 connections; on a Redis error the API's limiter falls
+# back to its in-process state, so the floor lets the request through: fail open).
+POOL_TIMEOUT = 5.0
+REDIS_TIMEOUT = 0.5
+REDIS_MAX_CONNECTIONS = 200
+STATS_MARK = "FLOOR_STATS "
 
 
 def _env(name: str, default: str | None = None) -> str:
@@ -258,10 +273,17 @@ async def list_members() -> dict[str, Any]:
 # --- 3. asyncpg_floor --------------------------------------------------------------------
 
 
+def _print_stats(name: str, counts: Counter[str]) -> None:
+    """One line on stdout (the floor's log) at shutdown: what went wrong, if anything."""
+    sys.stdout.write(STATS_MARK + json.dumps({"floor": name, **counts}) + "\n")
+    sys.stdout.flush()
+
+
 class _AsyncpgFloor:
     def __init__(self) -> None:
         self.pool: Any = None
         self.church_id: uuid.UUID | None = None
+        self.counts: Counter[str] = Counter()
 
     async def startup(self) -> None:
         import asyncpg  # type: ignore[import-untyped]
@@ -277,13 +299,19 @@ class _AsyncpgFloor:
     async def shutdown(self) -> None:
         if self.pool is not None:
             await self.pool.close()
+        _print_stats("asyncpg_floor", self.counts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send, self.startup, self.shutdown)
             return
-        async with self.pool.acquire() as connection:
-            rows = await connection.fetch(MEMBERS_SQL_ASYNCPG, self.church_id, PAGE + 1)
+        try:
+            async with self.pool.acquire(timeout=POOL_TIMEOUT) as connection:
+                rows = await connection.fetch(MEMBERS_SQL_ASYNCPG, self.church_id, PAGE + 1)
+        except TimeoutError:
+            self.counts["pool_timeouts"] += 1
+            await _respond(send, 503, b'{"title":"Service unavailable"}')
+            return
         await _respond(send, 200, json.dumps(page_of(rows)).encode())
 
 
@@ -299,6 +327,7 @@ class _SameStackFloor:
         self.redis: Any = None
         self.script: Any = None
         self.secret = ""
+        self.counts: Counter[str] = Counter()
 
     async def startup(self) -> None:
         from psycopg_pool import AsyncConnectionPool
@@ -314,7 +343,14 @@ class _SameStackFloor:
             open=False,
         )
         await self.pool.open(wait=True)
-        self.redis = Redis.from_url(_env("BENCH_FLOOR_REDIS_URL"), decode_responses=False)
+        self.redis = Redis.from_url(
+            _env("BENCH_FLOOR_REDIS_URL"),
+            socket_timeout=REDIS_TIMEOUT,
+            socket_connect_timeout=REDIS_TIMEOUT,
+            health_check_interval=30,
+            decode_responses=False,
+            max_connections=REDIS_MAX_CONNECTIONS,
+        )
         self.script = self.redis.register_script(RATE_LIMIT_LUA)
 
     async def shutdown(self) -> None:
@@ -322,6 +358,7 @@ class _SameStackFloor:
             await self.pool.close()
         if self.redis is not None:
             await self.redis.aclose()
+        _print_stats("same_stack_floor", self.counts)
 
     def _claims(self, scope: Scope) -> dict[str, Any] | None:
         import jwt
@@ -349,16 +386,29 @@ class _SameStackFloor:
         if claims is None:
             await _respond(send, 401, b'{"title":"The access token is not valid"}')
             return
-        allowed, _remaining = await self.script(
-            keys=[f"bench:floor:principal:{claims['sub']}"], args=[RATE_INTERVAL_MS, RATE_BURST]
-        )
+        from psycopg_pool import PoolTimeout
+        from redis.exceptions import RedisError
+
+        try:
+            allowed, _remaining = await self.script(
+                keys=[f"bench:floor:principal:{claims['sub']}"],
+                args=[RATE_INTERVAL_MS, RATE_BURST],
+            )
+        except RedisError:
+            self.counts["redis_errors"] += 1
+            allowed = 1
         if not allowed:
             await _respond(send, 429, b'{"title":"Too many requests"}')
             return
         church_id = uuid.UUID(claims["church"])
-        async with self.pool.connection() as connection:
-            cursor = await connection.execute(MEMBERS_SQL_PSYCOPG, (church_id, PAGE + 1))
-            rows = await cursor.fetchall()
+        try:
+            async with self.pool.connection(timeout=POOL_TIMEOUT) as connection:
+                cursor = await connection.execute(MEMBERS_SQL_PSYCOPG, (church_id, PAGE + 1))
+                rows = await cursor.fetchall()
+        except PoolTimeout:
+            self.counts["pool_timeouts"] += 1
+            await _respond(send, 503, b'{"title":"Service unavailable"}')
+            return
         await _respond(send, 200, json.dumps(page_of(rows)).encode())
 
 

@@ -378,6 +378,8 @@ class OpenLoop:
             "errors": dict(stats.errors),
             "non_2xx": len(stats.latencies) - ok,
             "unanswered_total": unanswered,
+            # sent and not answered (warm-up included): the server may still serve them
+            "in_flight_at_end": sum(1 for c in self.open if c.scheduled is not None),
             "achieved_rate": round(stats.answered_total / span, 1) if span > 0 else 0.0,
             "send_window_s": round(last_due - stats.measured_from, 3),
             **figures,

@@ -26,26 +26,34 @@ shared and not pinned.
 
 Seed (not timed): one church registered through the API; 1,000 members COPYed
 (`bench.common.copy_members`, into a group "bench") and 10 more groups made through the
-API, the first ("Choir") with 20 members; then with a worker and the sandbox: a sending
-number (`bench.common.give_number`), 20 broadcasts `POST /api/v1/messages` to the choir and
-20 inbox texts `POST /api/v1/conversations`, waited for until every text is delivered;
-the worker is stopped and the database vacuumed and analysed. Each endpoint is then
-checked for 200 and a page of the expected rows (members 20 of 1,000 with a next cursor,
-groups 11, conversations 20, messages 20) before anything is measured.
+API, the first ("Choir") with 20 members; then with a worker (`--queue sms`) and the
+sandbox: a sending number (`bench.common.give_number`), 20 broadcasts
+`POST /api/v1/messages` to the choir and 20 inbox texts `POST /api/v1/conversations`,
+waited for (with a deadline) until every text is delivered; the worker is stopped and
+the database vacuumed and analysed. Each endpoint is then checked for 200 and a page of
+the expected real rows (members 20 of 1,000 with a next cursor, groups 11, conversations
+20, messages 20) before it is measured; each floor for 20 rows.
 
-Measured per server:
+The API process that served the seed is measured first (a running server, as in
+production), then stopped; then each floor in turn.
+
+Measured per server and endpoint (after the server is idle: < 10 % of a core):
 
 1. capacity, closed loop: `wrk -t1 -c<connections> -d<duration>s --latency` with the
    Authorization header, after a 1 s warm-up run: req/s, p50, p99, non-2xx answers and
    socket errors; CPU seconds of the server process (and of the PostgreSQL backends of the
-   scratch database) from /proc over the run, per request. CPU per request is the most
-   stable figure on a shared machine: it does not depend on what else ran on core 0.
+   scratch database) from /proc, from the start of the run until the server is idle
+   again, per request served (wrk's answers plus the one in flight on each connection
+   when it stopped). CPU per request is the most stable figure on a shared machine: it
+   does not depend much on what else ran on core 0.
 2. latency at a fixed arrival rate, open loop (`bench.open_loop`, see its docstring for
-   why it is our own): `--rate` req/s for `--open-loop-seconds` (after 1 s of warm-up)
-   against the Koinonia list endpoints and the same-stack floor: achieved rate, errors,
-   p50/p95/p99/max measured from each request's scheduled send time.
+   why it is our own): `--rate` req/s for `--open-loop-seconds` (after 1 s of warm-up,
+   then up to 10 s for late answers) against the Koinonia list endpoints and the
+   same-stack floor: achieved rate, errors, p50/p95/p99/max measured from each request's
+   scheduled send time ("≥": a lower bound, some requests were still unanswered).
 
-`--quick` (3 s per wrk run, 3 s open loop) is a smoke check of the whole harness.
+`--quick`: 3 s per wrk run, 3 s open loop with no warm-up and 2 s for late answers; a
+smoke check of the whole harness (about 2 minutes, more on a busy machine).
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -75,7 +84,7 @@ from redis import Redis
 
 from bench.common import copy_members, give_number, phone_of, plain_url, scratch_database
 from bench.common import settings_for as common_settings
-from bench.floors import FLOORS, PAGE
+from bench.floors import FLOORS, PAGE, STATS_MARK
 from bench.open_loop import describe, fmt_latency
 from bench.send_throughput import (
     SANDBOX_SEED,
@@ -111,12 +120,13 @@ class Endpoint:
     path: str
     rows: int | None  # expected `data` rows; None: not a list
     open_loop: bool = False
+    more: bool = False  # a next page exists
 
 
 ENDPOINTS = (
     Endpoint("livez", "/livez", None),
     Endpoint("auth/me", "/api/v1/auth/me", None),
-    Endpoint("members?limit=20", FLOOR_PATH, PAGE, open_loop=True),
+    Endpoint("members?limit=20", FLOOR_PATH, PAGE, open_loop=True, more=True),
     Endpoint("groups", "/api/v1/groups", GROUPS + 1, open_loop=True),
     Endpoint("conversations", "/api/v1/conversations", CONVERSATIONS, open_loop=True),
     Endpoint("messages", "/api/v1/messages", BROADCASTS, open_loop=True),
@@ -147,23 +157,28 @@ class Measured:
     pid: int = 0
     response_bytes: int = 0
     wrk: WrkResult | None = None
-    server_cpu: float = 0.0  # seconds over the wrk run
+    served: int = 0  # wrk's answers + the requests in flight when it stopped
+    server_cpu: float = 0.0  # seconds over the wrk run and until the server is idle
     pg_cpu: float = 0.0
     busy: float = 0.0  # whole-machine CPU over the wrk run, in cores
     open_loop: dict[str, Any] | None = None
     open_loop_cpu: float = 0.0  # server CPU seconds over the open-loop run
+    warnings: list[str] = field(default_factory=list)
 
     def cpu_ms(self, seconds: float | None = None) -> float:
-        if self.wrk is None or not self.wrk.requests:
+        if not self.served:
             return math.nan
-        return 1000 * (self.server_cpu if seconds is None else seconds) / self.wrk.requests
+        return 1000 * (self.server_cpu if seconds is None else seconds) / self.served
 
     def pg_ms(self) -> float:
         return self.cpu_ms(self.pg_cpu)
 
     def open_loop_cpu_ms(self) -> float:
-        answered = int(self.open_loop["answered_total"]) if self.open_loop else 0
-        return 1000 * self.open_loop_cpu / answered if answered else math.nan
+        """Server CPU per request served over the open-loop run: every answer (warm-up
+        included) and the requests in flight when the generator closed its connections."""
+        loop = self.open_loop or {}
+        served = int(loop.get("answered_total", 0)) + int(loop.get("in_flight_at_end", 0))
+        return 1000 * self.open_loop_cpu / served if served else math.nan
 
 
 # --- processes ------------------------------------------------------------------------------
@@ -315,26 +330,58 @@ class Plan:
     direct_url: str
 
 
-def check_answer(url: str, token: str, rows: int | None) -> int:
-    """The endpoint answers 200 (and `rows` rows of data); answers the body's size."""
+def check_answer(url: str, token: str, rows: int | None, more: bool = False) -> int:
+    """The endpoint answers 200 (with `rows` rows of data, and a next cursor when `more`);
+    answers the body's size."""
     response = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
     if response.status_code != 200:
         raise RuntimeError(f"{url} answered {response.status_code}: {response.text[:500]}")
     if rows is not None:
-        data = response.json().get("data")
+        page = response.json()
+        data = page.get("data")
         if not isinstance(data, list) or len(data) != rows:
             got = len(data) if isinstance(data, list) else data
             raise RuntimeError(f"{url}: expected {rows} rows, got {got}: {response.text[:300]}")
+        if (page.get("next_cursor") is not None) != more:
+            raise RuntimeError(f"{url}: next_cursor {page.get('next_cursor')!r}, more={more}")
     return len(response.content)
 
 
+class StallWatch:
+    """A thread of the bench waking every 10 ms: the longest gap between its wake-ups is a
+    stall of the machine (every process stopped, as this shared machine sometimes does for
+    seconds), not of the server; a run with one is flagged."""
+
+    LIMIT = 0.25  # seconds
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> StallWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(0.01):
+            now = time.monotonic()
+            self.worst = max(self.worst, now - last - 0.01)
+            last = now
+
+
 def wait_idle(pid: int, timeout: float = 60.0) -> float:
-    """Until the server uses < 10 % of a core over half a second (an open-loop run leaves
+    """Until the server uses < 10 % of a core over 0.2 s (an open-loop run leaves
     up to --max-connections requests running after it ends); answers the seconds waited."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         before = CpuSnapshot.take()
-        time.sleep(0.5)
+        time.sleep(0.2)
         after = CpuSnapshot.take()
         if (_cpu_of(after, pid) - _cpu_of(before, pid)) / (after.at - before.at) < 0.10:
             break
@@ -348,13 +395,27 @@ def measure(
     if waited > 5:
         print(f"  (waited {waited:.0f} s for {result.name}'s server to go idle)", flush=True)
     run_wrk(url, plan.token, plan.connections, 1)  # warm-up: pools, caches, code paths
+    wait_idle(result.pid)  # the warm-up's last requests are not in the window
     window = CpuWindow(result.pid, plan.direct_url)
     window.start()
-    result.wrk = run_wrk(url, plan.token, plan.connections, plan.seconds)
+    with StallWatch() as watch:
+        result.wrk = run_wrk(url, plan.token, plan.connections, plan.seconds)
+    ended = CpuSnapshot.take()
+    if watch.worst > StallWatch.LIMIT:
+        result.warnings.append(
+            f"the machine stalled for {watch.worst:.1f} s during the wrk run (every process "
+            "stopped): its latencies and req/s are suspect; rerun"
+        )
+        print(f"  WARNING: {result.warnings[-1]}", flush=True)
+    # When wrk stops, each of its connections has one request in flight, which the server
+    # still serves: the window runs until it is idle, and they count as served.
+    wait_idle(result.pid)
     window.stop()
     services.check()
+    result.served = result.wrk.requests + plan.connections
     result.server_cpu, result.pg_cpu = window.server, window.postgres
-    result.busy = window.machine / window.wall if window.wall else 0.0
+    assert window.before is not None
+    result.busy = (ended.machine - window.before.machine) / (ended.at - window.before.at)
     wrk = result.wrk
     print(
         f"  {result.kind:<8} {result.name:<18} wrk {wrk.rps:8,.0f} req/s  p50 "
@@ -367,18 +428,47 @@ def measure(
     if open_loop:
         window = CpuWindow(result.pid, plan.direct_url)
         window.start()
-        result.open_loop = run_open_loop(
-            url, plan.token, plan.rate, plan.open_loop_seconds, plan.open_loop_warmup, plan.drain
-        )
+        with StallWatch() as watch:
+            result.open_loop = run_open_loop(
+                url,
+                plan.token,
+                plan.rate,
+                plan.open_loop_seconds,
+                plan.open_loop_warmup,
+                plan.drain,
+            )
+        wait_idle(result.pid)  # what was in flight when the generator closed is served
         window.stop()
         services.check()
         result.open_loop_cpu = window.server
         loop = result.open_loop
         print(
             f"  {'':<8} {'':<18} open loop at {plan.rate:g}/s: {describe(loop)}; server CPU "
-            f"{result.open_loop_cpu_ms():.3f} ms per answer (warm-up included)",
+            f"{result.open_loop_cpu_ms():.3f} ms per request served",
             flush=True,
         )
+        lag = loop["send_lag_p99_ms"]
+        if watch.worst > StallWatch.LIMIT:
+            result.warnings.append(
+                f"the machine stalled for {watch.worst:.1f} s during the open loop (every "
+                "process stopped): its latencies are suspect; rerun"
+            )
+            print(f"  WARNING: {result.warnings[-1]}", flush=True)
+        if lag is None or lag > 50:
+            result.warnings.append(
+                f"the open-loop generator fell behind its own schedule (send lag p99 {lag} ms;"
+                " core 1 busy with other work?): that much of each latency is not the server's"
+            )
+            print(f"  WARNING: {result.warnings[-1]}", flush=True)
+        # An open loop at or above capacity should still get about the closed-loop rate.
+        expected = min(plan.rate, result.wrk.rps)
+        if loop["answered"] == 0 or loop["achieved_rate"] < 0.25 * expected:
+            result.warnings.append(
+                f"open loop achieved {loop['achieved_rate']:,.0f}/s against {expected:,.0f}/s "
+                "expected from wrk: the server or a shared service (PostgreSQL, PgBouncer, "
+                "Redis) stalled during the run; rerun before reading its figures"
+            )
+            print(f"  WARNING: {result.warnings[-1]}", flush=True)
     return result
 
 
@@ -394,12 +484,12 @@ def measure_floor(name: str, services: Services, plan: Plan, floor_env: dict[str
         "--log-level", "warning",
     ]  # fmt: skip
     server = start_pinned(services, name, argv, SERVER_CPUS, floor_env)
+    result = Measured(name, "floor", pid=server.process.pid)
     try:
         base = f"http://127.0.0.1:{port}"
         wait_http(base + FLOOR_PATH, services)
-        result = Measured(name, "floor", pid=server.process.pid)
-        result.response_bytes = check_answer(base + FLOOR_PATH, plan.token, PAGE)
-        return measure(
+        result.response_bytes = check_answer(base + FLOOR_PATH, plan.token, PAGE, more=True)
+        measure(
             result,
             base + FLOOR_PATH,
             plan,
@@ -408,6 +498,14 @@ def measure_floor(name: str, services: Services, plan: Plan, floor_env: dict[str
         )
     finally:
         services.stop(server)
+    # The floor's own count of pool timeouts (503) and Redis errors (let through).
+    for line in server.log.read_text(errors="replace").splitlines():
+        if line.startswith(STATS_MARK):
+            counts = {k: v for k, v in json.loads(line.removeprefix(STATS_MARK)).items()
+                      if k != "floor" and v}  # fmt: skip
+            if counts:
+                result.warnings.append(f"the floor counted {counts}")
+    return result
 
 
 # --- seeding -------------------------------------------------------------------------------
@@ -591,12 +689,15 @@ def decrypt_cost_us(settings: Any, direct_url: str, church_id: uuid.UUID) -> flo
 # --- report ---------------------------------------------------------------------------------
 
 
-def access_log_note(log: Path) -> str:
-    """What the API's access log says about the measured runs (a cross-check of the
-    generators' status counts)."""
+def access_log_note(log: Path, offset: int) -> str:
+    """What the API's log says from `offset` on (the measured runs): a cross-check of the
+    generators' status counts."""
     statuses: Counter[int] = Counter()
     events: Counter[str] = Counter()
-    for line in log.read_text(errors="replace").splitlines():
+    with log.open("rb") as handle:
+        handle.seek(offset)
+        text = handle.read().decode(errors="replace")
+    for line in text.splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
@@ -607,7 +708,8 @@ def access_log_note(log: Path) -> str:
         elif entry.get("level") in ("warning", "error", "critical"):
             events[event] += 1
     return (
-        f"the API's log ({log.stat().st_size / 1e6:,.1f} MB): {sum(statuses.values()):,} "
+        f"the API's log of the measured runs ({len(text) / 1e6:,.1f} MB): "
+        f"{sum(statuses.values()):,} "
         f"access lines, statuses {dict(sorted(statuses.items()))}; warnings and errors "
         f"{dict(events.most_common(5)) or 'none'}"
     )
@@ -658,6 +760,9 @@ def report(results: list[Measured], args: argparse.Namespace, notes: list[str]) 
                     f"same-stack floor's ({r.cpu_ms():.3f} vs {floor.cpu_ms():.3f} ms); "
                     f"answer {r.response_bytes:,} bytes"
                 )
+    for r in results:
+        for warning in r.warnings:
+            print(f"  WARNING ({r.kind} {r.name}): {warning}")
     for note in notes:
         print(f"  note: {note}")
 
@@ -743,9 +848,7 @@ def main() -> None:
         start_pinned(
             services, "sandbox", koinonia("sandbox", "--port", str(sandbox_port)), LOAD_CPUS
         )
-        api = start_pinned(
-            services, "api-seed", koinonia("api", "--port", str(api_port)), SERVER_CPUS
-        )
+        api = start_pinned(services, "api", koinonia("api", "--port", str(api_port)), SERVER_CPUS)
         wait_http(f"{sandbox_url}/sandbox/faults", services)
         wait_http(f"{api_url}/livez", services)
         print(
@@ -756,7 +859,6 @@ def main() -> None:
 
         settings = common_settings(direct_url, redis_url=REDIS_URL, jwt_secret=jwt_secret)
         token, church_id = seed(api_url, direct_url, services, settings)
-        services.stop(api)
         print(
             f"seed (not timed): 1 church, {MEMBERS:,} members, {GROUPS + 1} groups, "
             f"{BROADCASTS} broadcasts x {CHOIR} delivered, {CONVERSATIONS} conversations; "
@@ -774,6 +876,22 @@ def main() -> None:
             direct_url=direct_url,
         )  # fmt: skip
 
+        # The API process that served the seed (the worker is stopped, every receipt
+        # applied): a running server, as in production. Its log from here on is the
+        # measured runs'.
+        print("koinonia api (one process, LOG_LEVEL=INFO access log to a file):", flush=True)
+        wait_http(f"{api_url}/readyz", services)
+        log_offset = api.log.stat().st_size
+        for endpoint in ENDPOINTS:
+            url = api_url + endpoint.path
+            result = Measured(endpoint.name, "koinonia", pid=api.process.pid)
+            result.response_bytes = check_answer(url, token, endpoint.rows, endpoint.more)
+            results.append(
+                measure(result, url, plan, open_loop=endpoint.open_loop, services=services)
+            )
+        services.stop(api)  # one server at a time
+        notes.append(access_log_note(api.log, log_offset))
+
         floor_env = {
             "BENCH_FLOOR_DSN": plain_url(app_url),
             "BENCH_FLOOR_POOL_SIZE": "10",
@@ -782,21 +900,8 @@ def main() -> None:
             "BENCH_FLOOR_JWT_SECRET": jwt_secret,
         }
         print("floors:", flush=True)
-        for name in FLOORS:
-            results.append(measure_floor(name, services, plan, floor_env))
-
-        print("koinonia api (one process, LOG_LEVEL=INFO access log to a file):", flush=True)
-        api = start_pinned(services, "api", koinonia("api", "--port", str(api_port)), SERVER_CPUS)
-        wait_http(f"{api_url}/readyz", services)
-        for endpoint in ENDPOINTS:
-            url = api_url + endpoint.path
-            result = Measured(endpoint.name, "koinonia", pid=api.process.pid)
-            result.response_bytes = check_answer(url, token, endpoint.rows)
-            results.append(
-                measure(result, url, plan, open_loop=endpoint.open_loop, services=services)
-            )
-        services.stop(api)
-        notes.append(access_log_note(logs / "api.log"))
+        floors = [measure_floor(name, services, plan, floor_env) for name in FLOORS]
+        results = floors + results  # the table lists the floors first
         decrypt_us = decrypt_cost_us(settings, direct_url, church_id)
         notes.append(
             f"decrypting one page's {PAGE} phones costs {decrypt_us:.0f} µs of CPU here: the "

@@ -107,9 +107,14 @@ class Phase:
         return self.seconds * (self.rate + (self.ramp_to or self.rate)) / 2
 
     def artillery(self) -> dict[str, Any]:
-        spec: dict[str, Any] = {"duration": self.seconds, "arrivalRate": self.rate}
-        if self.ramp_to is not None:
-            spec["rampTo"] = self.ramp_to
+        # A steady phase is given as a ramp from R to R too: artillery times plain
+        # `arrivalRate` phases with a timer that spins on setImmediate (a whole core at
+        # 50/s), ramps with one that sleeps (about a quarter of the CPU, same arrivals).
+        spec: dict[str, Any] = {
+            "duration": self.seconds,
+            "arrivalRate": self.rate,
+            "rampTo": self.rate if self.ramp_to is None else self.ramp_to,
+        }
         if self.name:
             spec["name"] = self.name
         return spec
@@ -841,6 +846,8 @@ def load(
     env = os.environ | {
         "LOADTEST_TELNYX_SEED": seed,
         "ARTILLERY_DISABLE_TELEMETRY": "true",
+        # Refuses artillery its PostHog client: else ~12 s of retries at exit (see the file).
+        "NODE_OPTIONS": f"--require {HERE / 'no-telemetry.js'}",
         "WORKERS": "1",  # one artillery worker thread: it has one core
     }
     seconds = sum(p.seconds for p in phases)

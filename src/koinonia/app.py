@@ -49,6 +49,7 @@ from koinonia.operations import routes as operations_routes
 from koinonia.ratelimit import RateLimiter
 from koinonia.redis import create_redis
 from koinonia.replicas import ReplicaRouter
+from koinonia.runtime import freeze_startup_objects
 from koinonia.settings import Settings, get_settings
 from koinonia.telnyx import routes as telnyx_routes
 from koinonia.templates import routes as templates_routes
@@ -131,6 +132,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             for module_name in FEATURE_LIFESPANS:
                 module = importlib.import_module(module_name)
                 await features.enter_async_context(module.lifespan(app))
+            freeze_startup_objects()
             yield
     finally:
         await replicas.stop()

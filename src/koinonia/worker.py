@@ -49,6 +49,7 @@ from sqlalchemy.exc import DBAPIError
 
 from koinonia.jobs import build_job_app, open_resources, psycopg_conninfo, set_draining
 from koinonia.logging import configure_logging
+from koinonia.runtime import freeze_startup_objects
 from koinonia.settings import Settings
 from koinonia.tracing import build_tracer_provider, instrument_clients, instrument_engine
 from koinonia.worker_metrics import WorkerMetrics
@@ -148,6 +149,7 @@ async def run_worker(settings: Settings, *, concurrency: int, queues: list[str] 
         instrument_clients(provider, [])  # Redis and httpx; engines per attempt
     metrics = WorkerMetrics(settings)
     await metrics.start()
+    freeze_startup_objects()  # everything imported and built so far lives for good
     stop = StopRequest()
     stop.install()
     try:

@@ -53,17 +53,19 @@ async def app_client(
 
 
 @contextmanager
-def counting_statements(engine: Any) -> Iterator[list[str]]:
+def counting_statements(*engines: Any) -> Iterator[list[str]]:
     statements: list[str] = []
 
     def record(*args: Any) -> None:
         statements.append(args[2])
 
-    event.listen(engine.sync_engine, "before_cursor_execute", record)
+    for engine in engines:
+        event.listen(engine.sync_engine, "before_cursor_execute", record)
     try:
         yield statements
     finally:
-        event.remove(engine.sync_engine, "before_cursor_execute", record)
+        for engine in engines:
+            event.remove(engine.sync_engine, "before_cursor_execute", record)
 
 
 @contextmanager
@@ -119,7 +121,9 @@ async def test_warm_request_costs_no_extra_query_or_round_trip(settings: Setting
                         assert await _me(client, headers) == 200
                     before = await _commandstats(stats)
                     with (
-                        counting_statements(app.state.database.engine) as statements,
+                        counting_statements(
+                            app.state.database.engine, app.state.database.read_engine
+                        ) as statements,
                         counting_redis_round_trips(app) as trips,
                     ):
                         assert await _me(client, headers) == 200

@@ -78,7 +78,9 @@ def test_prerendered_access_lines_carry_the_same_fields_and_masking(
     structlog.contextvars.bind_contextvars(job="j1")
     try:
         logger = logging.getLogger("koinonia.access")
-        log_prerendered(logger, logging.INFO, "request", route="/x", status=200, note="+15551234567")
+        log_prerendered(
+            logger, logging.INFO, "request", route="/x", status=200, note="+15551234567"
+        )
         log_prerendered(logger, logging.DEBUG, "request", route="/hidden")  # below the level
     finally:
         structlog.contextvars.unbind_contextvars("job")

@@ -64,7 +64,25 @@ def get_cache(request: Request) -> Cache:
 
 
 DbSession = Annotated[AsyncSession, Depends(unit_of_work, scope="function")]
-RedisClient = Annotated[Redis, Depends(get_redis)]
-AppSettings = Annotated[Settings, Depends(get_app_settings)]
-AppCache = Annotated[Cache, Depends(get_cache)]
-AppDatabase = Annotated[Database, Depends(get_database)]
+# FastAPI runs a plain `def` dependency in its thread pool: a thread hand-off (and GIL
+# traffic) per request for an attribute lookup. The dependencies are `async def`.
+async def _redis(request: Request) -> Redis:
+    return get_redis(request)
+
+
+async def _settings(request: Request) -> Settings:
+    return get_app_settings(request)
+
+
+async def _cache(request: Request) -> Cache:
+    return get_cache(request)
+
+
+async def _database(request: Request) -> Database:
+    return get_database(request)
+
+
+RedisClient = Annotated[Redis, Depends(_redis)]
+AppSettings = Annotated[Settings, Depends(_settings)]
+AppCache = Annotated[Cache, Depends(_cache)]
+AppDatabase = Annotated[Database, Depends(_database)]

@@ -109,7 +109,7 @@ def cursor_datetime(page: PageParams, index: int = 0) -> datetime:
     return value
 
 
-def page_params(
+async def page_params(
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size")] = DEFAULT_LIMIT,
     cursor: Annotated[str | None, Query(max_length=512, description="Opaque cursor")] = None,
 ) -> PageParams:

@@ -46,7 +46,7 @@ Pages = Annotated[PageParams, Depends(page_params)]
 ERRORS = problem_responses(401, 404, 422, 429)
 
 
-def get_cipher(request: Request) -> ContactCipher:
+async def get_cipher(request: Request) -> ContactCipher:
     cipher: ContactCipher | None = getattr(request.app.state, "contact_cipher", None)
     if cipher is None:
         cipher = ContactCipher.from_settings(request.app.state.settings)
