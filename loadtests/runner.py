@@ -600,8 +600,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument(
         "--smoke", action="store_true", help="CI size: 60 s at 30 arrivals/s (10 s warm-up)"
     )
-    parser.add_argument("--rate", type=float, help="steady arrivals/s (smoke 30, full 80)")
-    parser.add_argument("--peak-rate", type=float, help="full run's peak arrivals/s (120)")
+    parser.add_argument("--rate", type=float, help="steady arrivals/s (smoke 30, full 50)")
+    parser.add_argument("--peak-rate", type=float, help="full run's peak arrivals/s (75)")
     parser.add_argument("--duration", type=int, default=60, help="smoke: total seconds (60)")
     parser.add_argument(
         "--steady-seconds", type=int, default=240, help="full run: the steady phase (240)"
@@ -628,9 +628,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     if args.rate is None:
-        args.rate = 30.0 if args.smoke else 80.0
+        args.rate = 30.0 if args.smoke else 50.0
     if args.peak_rate is None:
-        args.peak_rate = 120.0
+        args.peak_rate = 75.0
     if args.drain_seconds is None:
         args.drain_seconds = 10.0 if args.smoke else 60.0
     if args.duration < 2 or args.steady_seconds < 1 or args.rate <= 0 or args.peak_rate <= 0:

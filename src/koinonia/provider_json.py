@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 REPLACEMENT = "\ufffd"
@@ -48,6 +49,22 @@ def _clean(value: Any, depth: int) -> Any:
     return value
 
 
+# A number that could parse to infinity: an exponent of three digits or more, or hundreds
+# of digits in a row.
+_HUGE_NUMBER = re.compile(rb"[eE][+-]?\d{3}|\d{300}")
+
+
+def _surely_clean(body: bytes) -> bool:
+    """True when the parsed body cannot need `_clean` (the usual receipt): NUL and lone
+    surrogates only arrive as `\\u` escapes (raw control characters and invalid UTF-8 are
+    not JSON), nesting is at most the number of openers, and no number can overflow."""
+    return (
+        b"\\u" not in body
+        and body.count(b"{") + body.count(b"[") <= MAX_DEPTH
+        and _HUGE_NUMBER.search(body) is None
+    )
+
+
 def loads(body: bytes) -> Any:
     """The parsed body, made storable; `MalformedJSONError` when it cannot be."""
     try:
@@ -56,4 +73,6 @@ def loads(body: bytes) -> Any:
         raise
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise MalformedJSONError("not JSON") from None
+    if _surely_clean(body):
+        return parsed
     return _clean(parsed, 0)
