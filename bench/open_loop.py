@@ -26,9 +26,9 @@ arrival rate â€” wrk2 (constant throughput, corrected histograms), vegeta, k6 â€
 installable here (no Debian package; the npm `k6` package is a stub), and npm's artillery
 spends far too much CPU to offer 1,000 req/s from one core. Debian's httperf does fix a
 rate, but of new connections, reports means and a median rather than tail percentiles,
-and is bound to select(). This one is ~300 lines of asyncio (uvloop) with pre-built
-request bytes and one `asyncio.Protocol` per connection; at 1,000 req/s it uses a small
-part of a core (`cpu_seconds` in its output says how much).
+and is bound to select(). This one is a few hundred lines of asyncio (uvloop) with
+pre-built request bytes and one `asyncio.Protocol` per connection; at 1,000 req/s it used
+15-20 % of a core here (`cpu_seconds` in its output says how much).
 """
 
 from __future__ import annotations

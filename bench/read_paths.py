@@ -161,6 +161,8 @@ class Measured:
     server_cpu: float = 0.0  # seconds over the wrk run and until the server is idle
     pg_cpu: float = 0.0
     busy: float = 0.0  # whole-machine CPU over the wrk run, in cores
+    cpu_wait: float = 0.0  # share of the wrk run the server waited for its core
+    states: str = ""  # the server main thread's sampled states over the wrk run
     open_loop: dict[str, Any] | None = None
     open_loop_cpu: float = 0.0  # server CPU seconds over the open-loop run
     warnings: list[str] = field(default_factory=list)
@@ -347,17 +349,34 @@ def check_answer(url: str, token: str, rows: int | None, more: bool = False) -> 
     return len(response.content)
 
 
+def run_delay(pid: int) -> float:
+    """Seconds the server's main thread has spent runnable but waiting for a CPU
+    (/proc/PID/schedstat: on-CPU ns, run-queue ns, slices)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 class StallWatch:
-    """A thread of the bench waking every 10 ms: the longest gap between its wake-ups is a
+    """A thread of the bench waking every 10 ms. The longest gap between its wake-ups is a
     stall of the machine (every process stopped, as this shared machine sometimes does for
-    seconds), not of the server; a run with one is flagged."""
+    seconds), not of the server; a run with one is flagged. It also samples the server's
+    main-thread state (R running or runnable, S sleeping: waiting for the network, the
+    database or Redis, D blocked in the kernel: a disk write such as a log line)."""
 
     LIMIT = 0.25  # seconds
 
-    def __init__(self) -> None:
+    def __init__(self, pid: int = 0) -> None:
         self.worst = 0.0
+        self.pid = pid
+        self.states: Counter[str] = Counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def shares(self) -> str:
+        total = sum(self.states.values()) or 1
+        return " ".join(f"{k} {100 * n / total:.0f}%" for k, n in sorted(self.states.items()))
 
     def __enter__(self) -> StallWatch:
         self._thread.start()
@@ -369,10 +388,17 @@ class StallWatch:
 
     def _run(self) -> None:
         last = time.monotonic()
+        stat = Path(f"/proc/{self.pid}/stat")
         while not self._stop.wait(0.01):
             now = time.monotonic()
             self.worst = max(self.worst, now - last - 0.01)
             last = now
+            if self.pid:
+                try:
+                    raw = stat.read_text()
+                except OSError:
+                    continue
+                self.states[raw[raw.rindex(")") + 2]] += 1
 
 
 def wait_idle(pid: int, timeout: float = 60.0) -> float:
@@ -398,9 +424,12 @@ def measure(
     wait_idle(result.pid)  # the warm-up's last requests are not in the window
     window = CpuWindow(result.pid, plan.direct_url)
     window.start()
-    with StallWatch() as watch:
+    delay_before = run_delay(result.pid)
+    with StallWatch(result.pid) as watch:
         result.wrk = run_wrk(url, plan.token, plan.connections, plan.seconds)
     ended = CpuSnapshot.take()
+    result.cpu_wait = (run_delay(result.pid) - delay_before) / max(1e-9, result.wrk.seconds)
+    result.states = watch.shares()
     if watch.worst > StallWatch.LIMIT:
         result.warnings.append(
             f"the machine stalled for {watch.worst:.1f} s during the wrk run (every process "
@@ -422,7 +451,8 @@ def measure(
         f"{wrk.latency_ms[50]:7.2f} ms  p99 {wrk.latency_ms[99]:7.2f} ms  non-2xx "
         f"{wrk.non_2xx}  socket errors {sum(wrk.socket_errors.values())}  server CPU "
         f"{result.cpu_ms():.3f} ms/req  pg {result.pg_ms():.3f} ms/req  machine busy "
-        f"{result.busy:.2f} cores",
+        f"{result.busy:.2f} cores; server main thread waited for core {SERVER_CPUS} "
+        f"{100 * result.cpu_wait:.0f}% of the run, states {result.states}",
         flush=True,
     )
     if open_loop:
@@ -723,14 +753,15 @@ def report(results: list[Measured], args: argparse.Namespace, notes: list[str]) 
         f"wrk -t1 -c{args.connections} -d{args.duration}s (closed loop): req/s, p50, p99, "
         "errors (non-2xx + socket errors); x floor = req/s / same_stack_floor's req/s; CPU = "
         "ms of CPU per request of the server process (pg: of the PostgreSQL backends of "
-        f"the scratch database). Open loop at {args.rate:g} req/s for "
+        "the scratch database); wait = share of the run the server was runnable but waiting "
+        f"for core {SERVER_CPUS} (other processes on it). Open loop at {args.rate:g} req/s for "
         f"{args.open_loop_seconds:g} s: achieved req/s, latency from each request's scheduled "
         "send (ms; ≥ = a lower bound, requests still unanswered at the end), errors."
     )
     header = (
         f"{'name':<27} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'x floor':>7} "
-        f"{'CPU ms':>7} {'pg ms':>6} | {'open loop':>9} {'p50':>9} {'p95':>9} {'p99':>9} "
-        f"{'max':>9} {'errors':>6}"
+        f"{'CPU ms':>7} {'pg ms':>6} {'wait':>5} | {'open loop':>9} {'p50':>9} {'p95':>9} "
+        f"{'p99':>9} {'max':>9} {'errors':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -741,7 +772,7 @@ def report(results: list[Measured], args: argparse.Namespace, notes: list[str]) 
         line = (
             f"{r.kind + ' ' + r.name:<27} {r.wrk.rps:>7,.0f} {r.wrk.latency_ms[50]:>8.2f} "
             f"{r.wrk.latency_ms[99]:>8.2f} {r.wrk.errors:>6} {ratio:>6.2f}x "
-            f"{r.cpu_ms():>7.3f} {r.pg_ms():>6.3f} |"
+            f"{r.cpu_ms():>7.3f} {r.pg_ms():>6.3f} {100 * r.cpu_wait:>4.0f}% |"
         )
         if r.open_loop:
             loop = r.open_loop

@@ -1,9 +1,10 @@
 """Koinonia's load test: artillery (open model) against one API process through PgBouncer.
 
-    loadtests/run --smoke                # 60 s at 30 arrivals/s: the CI stage
-    loadtests/run                        # the full run: ramp, steady, peak, recovery (~7 min)
-    loadtests/run --rate 40 --peak-rate 80 --steady-seconds 120
+    loadtests/run --smoke                # 60 s at 30 arrivals/s: the last stage of scripts/test
+    loadtests/run                        # full: ramp 10->50/s, 240 s at 50, 60 s at 75, 60 s at 50
+    loadtests/run --rate 40 --peak-rate 90 --steady-seconds 120 --timeline
     loadtests/run --phases 30:5-50,120:50,30:90     # SECONDS:RATE[-RATE_TO],...
+    .venv/bin/python -m loadtests.report DIR/report.json    # the table of a kept report
 
 `loadtests/run` installs artillery (`npm ci` from package-lock.json) when
 loadtests/node_modules is missing, then runs this module with the project's virtualenv.
@@ -15,7 +16,7 @@ receipts for every text), ONE API process (`koinonia api`: uvicorn, one worker) 
 DATABASE_URL goes through PgBouncer in transaction mode (127.0.0.1:6432, database = the
 scratch database), and one worker (`koinonia worker`, to PostgreSQL directly, as
 deployed). Artillery runs pinned with `taskset -c 1`. PostgreSQL, PgBouncer and Redis are
-the machine's own services and are not pinned.
+the machine's own services and are not pinned. Readiness is polled with deadlines.
 
 Seeding (not measured): churches registered through the API, each given a sending number,
 a window open all day and a segment grant (`bench.common.give_number`), ~1,000 members
@@ -29,10 +30,12 @@ The workload is workload.yml: staff browsing, broadcasts, inbox replies, a storm
 signed delivery receipts and inbound texts (signed per request by processor.js with the
 sandbox's Ed25519 key; the API verifies them for real). Afterwards the per-endpoint
 table (p50/p95/p99/max, status codes, errors) is printed from artillery's JSON report, with
-the worker's backlog and the CPU each process used. The exit status is 1 on any 5xx, any
-request without an answer (ETIMEDOUT, ECONNREFUSED, …) or any unexpected 4xx
-(`--allow-4xx` to only report those). Whatever happens, every process started is stopped
-and the scratch database dropped.
+the CPU each process used, what the run made and the worker's backlog; `--timeline` (and
+any failure) adds every 10-second period beside the CPU of each process. The exit status
+is 1 on any 5xx, any request without an answer (ETIMEDOUT, ECONNREFUSED, ...) or any
+unexpected 4xx (`--allow-4xx` only reports those). Whatever happens (SIGTERM, SIGINT and
+SIGHUP included), every process started is stopped and the scratch database dropped; the
+children also get SIGTERM should this runner be killed outright.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -555,6 +559,72 @@ class Cpu:
         )
 
 
+class Sampler(threading.Thread):
+    """CPU per role every `every` seconds during the load (a stall shows which process
+    ran, or whether something else on the machine did): (wall time, % of one core)."""
+
+    def __init__(self, roles: dict[str, int], every: float = 2.0) -> None:
+        super().__init__(name="cpu-sampler", daemon=True)
+        self.roles = roles
+        self.every = every
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self.halt = threading.Event()
+
+    def _read(self) -> tuple[float, dict[str, float]]:
+        by_pid = {pid: role for role, pid in self.roles.items()}
+        seconds = dict.fromkeys([*self.roles, "postgres"], 0.0)
+        for pid, (name, cpu) in every_process().items():
+            if pid in by_pid:
+                seconds[by_pid[pid]] += cpu
+            elif name == "postgres":
+                seconds["postgres"] += cpu
+        seconds["machine"] = machine_busy()
+        return time.time(), seconds
+
+    def run(self) -> None:
+        at, last = self._read()
+        while not self.halt.wait(self.every):
+            now, current = self._read()
+            used = {k: max(0.0, 100 * (current[k] - last[k]) / (now - at)) for k in current}
+            used["other"] = max(0.0, used.pop("machine") - sum(used.values()))
+            self.samples.append((now, used))
+            at, last = now, current
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(timeout=10)
+
+    def over(self, start: float, end: float) -> dict[str, float]:
+        """Mean % of one core per role over samples ending in [start, end)."""
+        inside = [used for at, used in self.samples if start <= at < end]
+        if not inside:
+            return {}
+        return {k: sum(u[k] for u in inside) / len(inside) for k in inside[0]}
+
+
+def timeline(report: dict[str, Any], sampler: Sampler) -> str:
+    """Artillery's 10-second periods beside the CPU of each process in the same window."""
+    roles = ["api", "worker", "sandbox", "artillery", "postgres", "other"]
+    header = f"{'period':>8} {'arrivals':>8} {'answers':>7} {'p50 ms':>7} {'p99 ms':>7} "
+    header += f"{'no answer':>9} {'5xx':>4}  " + " ".join(f"{r:>9}" for r in roles)
+    lines = [header, "  (CPU: % of one core; postgres = every database, other = the rest)"]
+    for period in report.get("intermediate", []):
+        counters: dict[str, int] = period.get("counters", {})
+        times: dict[str, float] = period.get("summaries", {}).get("http.response_time", {})
+        start = int(period["period"]) / 1000
+        cpu = sampler.over(start, start + 10)
+        errors = sum(v for k, v in counters.items() if k.startswith("errors."))
+        fives = sum(v for k, v in counters.items() if k.startswith("http.codes.5"))
+        lines.append(
+            f"{time.strftime('%H:%M:%S', time.localtime(start)):>8} "
+            f"{counters.get('vusers.created', 0):>8} {counters.get('http.responses', 0):>7} "
+            f"{times.get('median', math.nan):>7.0f} {times.get('p99', math.nan):>7.0f} "
+            f"{errors:>9} {fives:>4}  "
+            + " ".join(f"{cpu[r]:>8.0f}%" if r in cpu else f"{'-':>9}" for r in roles)
+        )
+    return "\n".join(lines)
+
+
 def backlog(database_url: str) -> dict[str, int]:
     with psycopg.connect(database_url, autocommit=True) as connection:
         events = connection.execute(
@@ -622,6 +692,11 @@ def arguments() -> argparse.Namespace:
         "--drain-seconds", type=float, help="wait for the worker's backlog (smoke 10, full 60)"
     )
     parser.add_argument("--allow-4xx", action="store_true", help="report 4xx, do not fail")
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="print every 10 s period with the CPU of each process (always on failure)",
+    )
     parser.add_argument(
         "--output", type=Path, help="keep logs, payload and report.json in this directory"
     )
@@ -859,6 +934,8 @@ def load(
     before = totals(direct)
     artillery = services.start("artillery", argv, env, args.artillery_cpus)
     cpu.start()
+    sampler = Sampler(roles | {"artillery": artillery.process.pid})
+    sampler.start()
     log(f"artillery running for {seconds} s (pinned to CPU {args.artillery_cpus}) ...")
     deadline = time.monotonic() + seconds + 120
     while artillery.process.poll() is None:
@@ -871,13 +948,16 @@ def load(
         if time.monotonic() > deadline:
             raise TimeoutError(f"artillery still running {seconds + 120} s after it started")
         time.sleep(0.5)
+    sampler.stop()
     usage = cpu.report()
     code = artillery.process.returncode
     services.running.remove(artillery)
     if code != 0 or not report_path.exists():
         log(f"artillery failed ({code}); its log ends:\n{artillery.tail()}")
         return False
-    summary = summarise(json.loads(report_path.read_text()), workload_names())
+    report = json.loads(report_path.read_text())
+    summary = summarise(report, workload_names())
+    (workdir / "timeline.txt").write_text(timeline(report, sampler) + "\n")
     summary.seconds = seconds  # rates over the phases (the counters' span adds the stragglers)
 
     drained = time.monotonic() + args.drain_seconds
@@ -898,6 +978,10 @@ def load(
     print(table(summary))
     print()
     print(f"  {usage}")
+    if args.timeline or summary.failures:
+        print()
+        print(timeline(report, sampler))
+        print()
     print(f"  made during the run: {', '.join(f'{k} {v:,}' for k, v in done.items())}")
     state = "drained" if not any(left.values()) else "NOT drained"
     print(

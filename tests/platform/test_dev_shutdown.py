@@ -28,14 +28,14 @@ SANDBOX_PORT = 8010  # `koinonia dev` runs the sandbox there
 T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], T], *, within: float, what: str) -> T:
+def wait_until(condition: Callable[[], T], *, within: float, what: str | Callable[[], str]) -> T:
     deadline = time.monotonic() + within
     while True:
         result = condition()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {within} s")
+            raise AssertionError(f"{what() if callable(what) else what}: not within {within} s")
         time.sleep(0.1)
 
 
@@ -102,8 +102,8 @@ def test_sigterm_stops_every_child(scratch_database: str, tmp_path: Path) -> Non
 
         wait_until(
             lambda: dev.poll() is None and api_up() and len(children(dev.pid)) >= 3,
-            within=90,
-            what=f"koinonia dev up\n{log_path.read_text(errors='replace')[-3000:]}",
+            within=150,  # `koinonia dev` itself waits up to 120 s for its API
+            what=lambda: f"koinonia dev up\n{log_path.read_text(errors='replace')[-3000:]}",
         )
         kids = children(dev.pid)
         dev.send_signal(signal.SIGTERM)

@@ -58,9 +58,16 @@ def _commands() -> set[str]:
     return set(get_command(app).commands)  # type: ignore[attr-defined]
 
 
-def _wait_http(url: str, timeout: float = 30.0) -> bool:
+def _wait_http(
+    url: str, timeout: float = 120.0, process: subprocess.Popen[bytes] | None = None
+) -> bool:
+    """Until `url` answers, `process` (if given) exits, or `timeout`: generous, since a
+    first start on a busy machine (imports, migrations checks) can take a while, and a
+    process that died is noticed at once."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            return False
         try:
             if httpx.get(url, timeout=1).status_code < 500:
                 return True
@@ -174,8 +181,9 @@ def dev(
             processes.append(subprocess.Popen([*koinonia, "sandbox"], env=env))  # noqa: S603
         for slot in worker_slots:
             slot.start()
-        processes.append(subprocess.Popen([*koinonia, "api"], env=env))  # noqa: S603
-        if not _wait_http(f"{api}/livez"):
+        api_process = subprocess.Popen([*koinonia, "api"], env=env)  # noqa: S603
+        processes.append(api_process)
+        if not _wait_http(f"{api}/livez", process=api_process):
             typer.echo("the API did not start; see the log above", err=True)
             raise typer.Exit(1)
         if seed and "seed-demo" in available:

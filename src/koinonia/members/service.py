@@ -36,8 +36,7 @@ def normalise_phone(raw: str, region: str) -> str:
 
 
 def to_out(member: Member, cipher: ContactCipher) -> MemberOut:
-    # Built from our own rows: no validation (`model_construct`), a tenth of the cost.
-    return MemberOut.model_construct(
+    return MemberOut(
         id=member.id,
         first_name=member.first_name,
         last_name=member.last_name,

@@ -358,7 +358,7 @@ def recipients_page(
 
 def to_out(message: Message, paused_reason: str | None = None) -> MessageOut:
     audience = message.audience or {}
-    return MessageOut.model_construct(  # our own rows: nothing to validate
+    return MessageOut(
         starts_at=message.starts_at,
         urgent=message.urgent,
         paused_reason=paused_reason if message.status in ("queued", "sending") else None,
@@ -369,7 +369,7 @@ def to_out(message: Message, paused_reason: str | None = None) -> MessageOut:
         encoding=message.encoding,
         characters=message.characters,
         recipients_total=message.recipients_total,
-        counts=Counts.model_construct(
+        counts=Counts(
             queued=message.queued_count,
             sent=message.sent_count,
             delivered=message.delivered_count,
