@@ -227,9 +227,12 @@ class Services:
                     f"{service.tail()}"
                 )
 
-    def stop(self, service: Service, timeout: float = 15.0) -> None:
+    def stop(self, service: Service, timeout: float = 20.0, *, signalled: bool = False) -> None:
+        """SIGTERM (once: a second one tells the worker to abort its jobs), wait, then
+        SIGKILL past `timeout`."""
         if service.process.poll() is None:
-            service.process.send_signal(signal.SIGTERM)
+            if not signalled:
+                service.process.send_signal(signal.SIGTERM)
             try:
                 service.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -239,11 +242,13 @@ class Services:
             self.running.remove(service)
 
     def stop_all(self) -> None:
-        for service in reversed(list(self.running)):
+        """All at once: SIGTERM to each, then wait for each."""
+        services = list(reversed(self.running))
+        for service in services:
             if service.process.poll() is None:
                 service.process.send_signal(signal.SIGTERM)
-        for service in reversed(list(self.running)):
-            self.stop(service)
+        for service in services:
+            self.stop(service, signalled=True)
 
 
 def wait_until(
