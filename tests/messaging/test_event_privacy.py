@@ -201,3 +201,14 @@ async def test_an_event_dead_lettered_by_the_worker_is_sealed(
         privacy.unseal(ContactCipher.from_settings(settings), row.id, row.payload)["data"]
         == event["data"]
     )
+
+
+def test_any_row_id_seals_and_opens() -> None:
+    from koinonia.members.crypto import ContactCipher
+    from koinonia.telnyx.privacy import seal, unseal
+    from tests.conftest import make_settings
+
+    cipher = ContactCipher.from_settings(make_settings())
+    event = {"data": {"id": "e", "event_type": "message.received", "payload": {"text": "hi"}}}
+    for row_id in (1, -5, 2**63 - 1):
+        assert unseal(cipher, row_id, seal(cipher, row_id, event)) == event

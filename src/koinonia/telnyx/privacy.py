@@ -44,7 +44,9 @@ READABLE_ERROR_FIELDS = ("code", "title")
 
 
 def _associated_data(row_id: int) -> uuid.UUID:
-    return uuid.UUID(int=row_id)
+    # Ids are positive bigints; modulo 2**128 keeps any integer a row may hold (a negative
+    # id written by hand) sealable instead of crashing the batch it is claimed in.
+    return uuid.UUID(int=row_id % 2**128)
 
 
 def _readable(payload: Any) -> dict[str, Any]:
