@@ -16,16 +16,20 @@ from koinonia.messaging.sending import continue_batch, run_batch
 
 blueprint = Blueprint()
 log = structlog.get_logger(__name__)
-_contexts: dict[int, SendContext] = {}
+_contexts: dict[int, tuple[JobResources, SendContext]] = {}
 
 
 def send_context(job: JobResources) -> SendContext:
-    """One per worker process (per open resources)."""
-    key = id(job)
-    if key not in _contexts:
+    """One per worker process (per open resources).
+
+    Held with the resources it was built from and matched by identity: an `id()` alone
+    can be reused by the next resources once the old ones are freed (a worker's next
+    supervised round), which handed out the old, closed Telnyx client and Redis pool."""
+    cached = _contexts.get(id(job))
+    if cached is None or cached[0] is not job:
         _contexts.clear()
-        _contexts[key] = SendContext.build(job.settings, job.redis, job.telnyx)
-    return _contexts[key]
+        cached = _contexts[id(job)] = (job, SendContext.build(job.settings, job.redis, job.telnyx))
+    return cached[1]
 
 
 @blueprint.task(name="start_broadcast", queue=SEND_QUEUE, retry=JOB_RETRY)
