@@ -18,8 +18,17 @@ import gc
 YOUNG_GENERATION_THRESHOLD = 20_000
 
 
+_frozen = False
+
+
 def freeze_startup_objects() -> None:
-    """Call when start-up is complete (imports, app, pools, caches built)."""
+    """Call when start-up is complete (imports, app, pools, caches built). Once per
+    process: frozen objects are never collected, so a process that builds apps again
+    (the tests) must not freeze each one."""
+    global _frozen
+    if _frozen:
+        return
+    _frozen = True
     gc.collect()
     gc.freeze()
     _, middle, old = gc.get_threshold()
