@@ -135,9 +135,13 @@ def create_engine(
         }
     if autocommit:
         pool_args |= {"isolation_level": "AUTOCOMMIT", "pool_reset_on_return": None}
+    elif not settings.database_use_null_pool:
+        # Writes keep SQLAlchemy's ping on every checkout: the exactly-once paths (claims,
+        # write-backs, lost-commit settling) are proven with it under database restarts.
+        pool_args["pool_pre_ping"] = True
     engine = create_async_engine(url, connect_args=connect_args, **pool_args)
     _instrument(engine, settings.slow_query_ms, name)
-    if not settings.database_use_null_pool:
+    if autocommit and not settings.database_use_null_pool:
         _ping_after_idle(engine, settings.database_ping_after_idle_seconds)
     if settings.database_timeouts_per_transaction:
         _set_timeouts_per_transaction(engine, set_local_timeouts_sql(settings))

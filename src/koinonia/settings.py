@@ -157,7 +157,8 @@ class Settings(BaseSettings):
     database_pool_timeout: float = Field(5.0, gt=0)
     database_connect_timeout: float = Field(5.0, gt=0)
     database_use_null_pool: bool = False
-    # A pooled connection idle this long is pinged before use (koinonia.db._ping_after_idle).
+    # A read engine's pooled connection idle this long is pinged before use
+    # (koinonia.db._ping_after_idle; the write engine pings on every checkout).
     database_ping_after_idle_seconds: float = Field(2.0, ge=0)
     slow_query_ms: int = Field(100, ge=1)
     replica_max_lag_seconds: float = Field(5.0, gt=0)

@@ -26,7 +26,7 @@ def _terminate(database_name: str, application_name: str) -> int:
     return len(rows)
 
 
-@pytest.mark.parametrize("autocommit", [False, True])
+@pytest.mark.parametrize("autocommit", [False, True])  # False: the pre-ping
 async def test_a_connection_killed_while_idle_is_replaced_before_use(
     settings: Settings, database_name: str, autocommit: bool
 ) -> None:
