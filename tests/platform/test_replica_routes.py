@@ -373,7 +373,10 @@ async def test_stopping_the_replica_moves_reads_to_the_primary_at_once(
     restarted = False
     reader = asyncio.create_task(keep_reading())
     try:
-        await asyncio.sleep(0.3)
+        async def replica_reads_seen() -> bool:
+            return sum(a.replica >= 1 for a in answers) >= 3
+
+        await eventually(replica_reads_seen, what="reads on the replica before the stop")
         stopping = time.monotonic()
         process = await asyncio.create_subprocess_exec(
             str(REPLICA_SCRIPT),
@@ -383,7 +386,11 @@ async def test_stopping_the_replica_moves_reads_to_the_primary_at_once(
         )
         assert await asyncio.wait_for(process.wait(), timeout=120) == 0
         stopped = time.monotonic()
-        await asyncio.sleep(1.5)  # reads go on while the replica is down
+
+        async def reads_a_second_after_the_stop() -> bool:
+            return sum(a.started >= stopped + 1.0 for a in answers) >= 3
+
+        await eventually(reads_a_second_after_the_stop, what="reads after the replica went down")
         stop.set()
         await reader
 
